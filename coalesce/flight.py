@@ -1,0 +1,478 @@
+"""SingleFlight: the in-flight table of asyncio calls, and its contract.
+
+One upstream call per key at a time; every caller that arrives while it runs gets its
+outcome. How it stays cheap: the first caller runs the function's first step inline
+(most calls either finish there or park on I/O), and only a call that actually
+suspends is handed to a task of its own so that no caller's cancellation can reach it.
+During that inline step `asyncio.current_task()` is already the task that will own the
+call, so `asyncio.timeout()` or a `TaskGroup` opened by the function binds to the call,
+never to the caller; and it runs in a copy of the caller's context, as a task would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import types
+from asyncio import AbstractEventLoop, CancelledError, Future, Task
+from asyncio.tasks import _enter_task, _leave_task
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Hashable
+from typing import Any, Generic, TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from coalesce.errors import LoopMismatchError, Overloaded
+from coalesce.metrics import FlightStats, register
+
+__all__ = ["SingleFlight"]
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+
+class _Flight:
+    """One upstream call and the callers waiting for it."""
+
+    __slots__ = (
+        "args", "done", "exception", "fn", "joined", "key", "kwargs", "linger", "result",
+        "started_at", "task", "waiters", "waiting",
+    )
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+        self.waiters: list[Future[Any]] = []
+        self.waiting = 0  # callers still waiting (cancelled ones leave their future behind)
+        self.joined = 0  # callers served in all, for the waiters histogram
+        self.task: Task[None] | None = None  # None while queued behind max_inflight
+        self.done = False
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self.linger: asyncio.TimerHandle | None = None
+        self.started_at = 0.0
+        self.fn: Callable[..., Awaitable[Any]] | None = None
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+
+
+_Job = tuple["SingleFlight[Any]", _Flight, Coroutine[Any, Any, Any], contextvars.Context, Any]
+
+
+class _Runner:
+    """A parked task per event loop, ready to become the owner of the next flight.
+
+    The first step of a call runs with this task as `current_task()`. If the call
+    suspends, this task carries it on (see `_resume`) and a fresh one is parked.
+    """
+
+    __slots__ = ("busy", "job", "loop", "standby")
+
+    def __init__(self, loop: AbstractEventLoop) -> None:
+        self.loop = loop
+        self.busy = False
+        self._park()
+
+    def _park(self) -> None:
+        self.job: Future[_Job] = self.loop.create_future()
+        self.standby = self.loop.create_task(_owner(self.job), name="coalesce-flight")
+
+    def hand_off(self, job: _Job) -> None:
+        job[1].task = self.standby
+        self.job.set_result(job)
+        self._park()
+
+
+async def _owner(job: Future[_Job]) -> None:
+    thrown: BaseException | None = None
+    try:
+        group, flight, coro, context, pending = await job
+    except CancelledError as exc:
+        if not job.done() or job.cancelled():
+            return  # the loop is shutting down; this runner never got a call
+        # Cancelled between the hand-off and its first step: cancel the call as a
+        # task would, by cancelling what it awaits and throwing into it.
+        group, flight, coro, context, pending = job.result()
+        if isinstance(pending, Future):
+            pending.cancel()
+        thrown = exc
+    await group._run(flight, _resume(coro, context, pending, thrown))
+
+
+@types.coroutine
+def _resume(
+    coro: Coroutine[Any, Any, T],
+    context: contextvars.Context,
+    pending: Any,
+    thrown: BaseException | None = None,
+) -> Generator[Any, Any, T]:
+    """Carry on a coroutine whose first step already ran and yielded `pending`.
+
+    Each later step runs in `context`, as a task would run it, and every value, error
+    and cancellation the owning task passes in reaches the coroutine unchanged.
+    """
+    while True:
+        step: Callable[[Any], Any]
+        if thrown is not None:
+            step, arg, thrown = coro.throw, thrown, None
+        else:
+            try:
+                sent = yield pending
+            except BaseException as exc:  # a cancellation goes in too
+                step, arg = coro.throw, exc
+            else:
+                step, arg = coro.send, sent
+        try:
+            pending = context.run(step, arg)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+_runners: dict[AbstractEventLoop, _Runner] = {}
+
+
+def _runner_for(loop: AbstractEventLoop) -> _Runner:
+    runner = _runners.get(loop)
+    if runner is None:
+        for stale in [other for other in _runners if other.is_closed()]:
+            del _runners[stale]
+        runner = _runners[loop] = _Runner(loop)
+    return runner
+
+
+def _expire(fut: Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class SingleFlight(Generic[T]):
+    """A table of calls in flight, keyed by what makes their answers the same.
+
+    `do` runs one call per key at a time and hands its outcome to every caller that
+    arrived while it ran. The contract, under concurrency:
+
+    - **Sharing.** Callers that arrive while a key's call is in flight get the very same
+      result object, or an exception of the very same object, as the first caller.
+      Results are shared, not copied: return immutable values.
+    - **No caching.** Once the call ends its key leaves the table and the next caller
+      starts a new call, unless ``linger`` seconds are set, during which callers get the
+      finished *result* at once (exceptions never linger).
+    - **Cancellation.** Cancelling a caller, including the one that started the call,
+      only removes that caller: the others still get the outcome. When the last caller
+      has gone, the call itself is cancelled and its key removed.
+    - **Timeouts.** ``timeout=`` bounds one caller's wait: that caller gets
+      `TimeoutError`, the call and the other callers go on, as with cancellation.
+    - **forget(key).** Callers already waiting keep the current call; callers arriving
+      afterwards start a fresh one. This is the hook for read-after-write safety.
+    - **Bounds.** With ``max_waiters``, a caller arriving at a key that already has that
+      many waiters gets `Overloaded` at once. With ``max_inflight``, at most that many
+      calls run at a time across keys; a new key then waits in a queue of at most
+      ``max_queued`` keys (callers of a queued key join it), and past that its caller
+      gets `Overloaded` at once. Nothing piles up without bound.
+    - **Loops.** A group serves one event loop at a time; using it from another loop
+      while calls are in flight raises `LoopMismatchError`. An idle group follows the
+      loop it is used from.
+
+    The function runs its first step inside the first caller's `do`, with a task of
+    the group's as `current_task()`, in a copy of the caller's context; a call that
+    suspends goes on in that task. A call that never suspends is never seen by anyone
+    else, so it costs no more than a plain `await`.
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        linger: float = 0.0,
+        max_waiters: int | None = None,
+        max_inflight: int | None = None,
+        max_queued: int = 0,
+        metrics: bool = True,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if linger < 0:
+            raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
+        for label, bound in (("max_waiters", max_waiters), ("max_inflight", max_inflight)):
+            if bound is not None and bound < 1:
+                raise ValueError(f"{label} must be >= 1 or None, got {bound!r}")
+        if max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0, got {max_queued!r}")
+        self.name = name
+        self.linger = linger
+        self.max_waiters = max_waiters
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self._flights: dict[Hashable, _Flight] = {}
+        self._running = 0  # upstream calls running, forgotten ones included
+        self._queue: deque[_Flight] = deque()
+        self._loop: AbstractEventLoop | None = None
+        self._runner: _Runner | None = None
+        self._stats: FlightStats | None = None
+        if metrics:
+            self._stats = FlightStats(name, self.__len__)
+            register(self._stats, registry)
+
+    def __len__(self) -> int:
+        """The number of keys in flight (queued and lingering keys included)."""
+        return len(self._flights)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._flights
+
+    def __repr__(self) -> str:
+        return f"<SingleFlight {self.name!r} keys={len(self._flights)} running={self._running}>"
+
+    @property
+    def running(self) -> int:
+        """Upstream calls running now, including ones whose key was forgotten."""
+        return self._running
+
+    @property
+    def stats(self) -> FlightStats | None:
+        """The group's counters (None with ``metrics=False``)."""
+        return self._stats
+
+    def forget(self, key: Hashable) -> bool:
+        """Make callers arriving from now on start a fresh call for `key`.
+
+        Callers already waiting keep the current call and get its outcome. Returns
+        whether a call (or a lingering result) was in the table.
+        """
+        flight = self._flights.pop(key, None)
+        if flight is None:
+            return False
+        if flight.linger is not None:
+            flight.linger.cancel()
+        return True
+
+    def forget_all(self) -> None:
+        """`forget` every key."""
+        for key in list(self._flights):
+            self.forget(key)
+
+    async def do(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Return the outcome of ``fn(*args, **kwargs)``, shared by key.
+
+        If no call for `key` is in flight, this caller starts one; otherwise it joins
+        the running one and never calls `fn`. See the class docstring for what
+        cancellation, ``timeout`` (this caller's wait, in seconds) and the bounds do.
+        `fn` cannot receive a keyword argument named ``timeout`` this way: bind it with
+        `functools.partial`.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        flight = self._flights.get(key)
+        stats = self._stats
+        if flight is None:
+            if self.max_inflight is not None and self._running >= self.max_inflight:
+                flight = self._enqueue(key, fn, args, kwargs)
+            else:
+                runner = self._runner
+                assert runner is not None
+                call = fn(*args, **kwargs)
+                if runner.busy or type(call) is not types.CoroutineType:
+                    # Nested inside another first step, or not a coroutine: no inline step.
+                    flight = self._start(key, call, loop)
+                else:
+                    started = time.perf_counter()
+                    context = contextvars.copy_context()
+                    owner = runner.standby
+                    caller = asyncio.current_task(loop)
+                    runner.busy = True
+                    if caller is not None:
+                        _leave_task(loop, caller)
+                    _enter_task(loop, owner)
+                    try:
+                        pending = context.run(call.send, None)
+                    except StopIteration as stop:
+                        if stats is not None:
+                            stats.started += 1
+                            stats.upstream_ok += 1
+                            stats.waiters.observe(1)
+                            stats.latency.observe(time.perf_counter() - started)
+                        return stop.value  # type: ignore[no-any-return]
+                    except BaseException:
+                        if stats is not None:
+                            stats.started += 1
+                            stats.upstream_error += 1
+                            stats.waiters.observe(1)
+                            stats.latency.observe(time.perf_counter() - started)
+                        raise
+                    finally:
+                        _leave_task(loop, owner)
+                        if caller is not None:
+                            _enter_task(loop, caller)
+                        runner.busy = False
+                    flight = self._flights[key] = _Flight(key)
+                    flight.started_at = started
+                    self._running += 1
+                    runner.hand_off((self, flight, call, context, pending))
+            if stats is not None:
+                stats.started += 1
+        elif flight.done:
+            if stats is not None:
+                stats.joined += 1
+            return flight.result  # type: ignore[no-any-return]
+        elif self.max_waiters is not None and flight.waiting >= self.max_waiters:
+            if stats is not None:
+                stats.shed += 1
+            raise Overloaded(f"{self.name}: {flight.waiting} callers already wait for {key!r}")
+        elif stats is not None:
+            stats.joined += 1
+
+        waiter: Future[T] = loop.create_future()
+        flight.waiters.append(waiter)
+        flight.waiting += 1
+        flight.joined += 1
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter
+        except BaseException as exc:
+            if not flight.done:
+                self._leave(flight, timed_out=isinstance(exc, TimeoutError))
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _bind(self, loop: AbstractEventLoop) -> None:
+        old = self._loop
+        if old is not None and not old.is_closed() and (self._flights or self._running):
+            raise LoopMismatchError(
+                f"SingleFlight {self.name!r} has calls in flight on another event loop"
+            )
+        self._flights.clear()  # anything left belongs to a closed loop
+        self._queue.clear()
+        self._running = 0
+        self._loop = loop
+        self._runner = _runner_for(loop)
+
+    def _start(self, key: Hashable, call: Awaitable[Any], loop: AbstractEventLoop) -> _Flight:
+        flight = self._flights[key] = _Flight(key)
+        flight.started_at = time.perf_counter()
+        self._running += 1
+        if not isinstance(call, Coroutine):
+            call = _awaited(call)
+        flight.task = loop.create_task(self._run(flight, call), name="coalesce-flight")
+        return flight
+
+    def _enqueue(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _Flight:
+        if len(self._queue) >= self.max_queued:
+            if self._stats is not None:
+                self._stats.shed += 1
+            raise Overloaded(
+                f"{self.name}: {self._running} calls in flight and {len(self._queue)} queued"
+            )
+        flight = self._flights[key] = _Flight(key)
+        flight.fn, flight.args, flight.kwargs = fn, args, kwargs
+        self._queue.append(flight)
+        return flight
+
+    def _dequeue(self) -> None:
+        assert self._loop is not None
+        while self._queue and (self.max_inflight is None or self._running < self.max_inflight):
+            flight = self._queue.popleft()
+            if flight.waiting == 0:
+                continue  # every caller left while it was queued
+            fn, args, kwargs = flight.fn, flight.args, flight.kwargs
+            assert fn is not None
+            flight.fn, flight.args, flight.kwargs = None, (), {}
+            flight.started_at = time.perf_counter()
+            self._running += 1
+            try:
+                call = fn(*args, **kwargs)
+            except BaseException as exc:
+                self._finish(flight, None, exc)
+                continue
+            if not isinstance(call, Coroutine):
+                call = _awaited(call)
+            flight.task = self._loop.create_task(self._run(flight, call))
+
+    async def _run(self, flight: _Flight, call: Awaitable[Any]) -> None:
+        try:
+            result = await call
+        except CancelledError as exc:
+            self._finish(flight, None, exc)
+            raise
+        except BaseException as exc:
+            self._finish(flight, None, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._finish(flight, result, None)
+
+    def _finish(self, flight: _Flight, result: Any, exception: BaseException | None) -> None:
+        """End a flight: free its slot, answer its waiters, maybe start queued keys."""
+        flight.done = True
+        flight.task = None
+        self._running -= 1
+        stats = self._stats
+        if stats is not None:
+            if exception is None:
+                stats.upstream_ok += 1
+            elif isinstance(exception, CancelledError):
+                stats.upstream_cancelled += 1
+            else:
+                stats.upstream_error += 1
+            stats.waiters.observe(flight.joined)
+            stats.latency.observe(time.perf_counter() - flight.started_at)
+        waiters, flight.waiters = flight.waiters, []
+        if exception is None:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
+        elif isinstance(exception, CancelledError):
+            for waiter in waiters:
+                waiter.cancel()
+        else:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exception)
+        if self._flights.get(flight.key) is flight:
+            if exception is None and self.linger > 0 and self._loop is not None:
+                flight.result = result
+                flight.linger = self._loop.call_later(self.linger, self._unlinger, flight)
+            else:
+                del self._flights[flight.key]
+        if self._queue:
+            self._dequeue()
+
+    def _unlinger(self, flight: _Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    def _leave(self, flight: _Flight, *, timed_out: bool) -> None:
+        """A caller gave up waiting; the last one to go takes the call down with it."""
+        flight.waiting -= 1
+        if self._stats is not None:
+            if timed_out:
+                self._stats.timed_out += 1
+            else:
+                self._stats.cancelled += 1
+        if flight.waiting:
+            return
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        if flight.task is not None:
+            flight.task.cancel()
+        elif flight in self._queue:
+            self._queue.remove(flight)

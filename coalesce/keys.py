@@ -1,0 +1,102 @@
+"""Turning calls into keys: the same logical call always gives the same key."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Hashable
+from typing import Any
+
+__all__ = ["CallKey"]
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+class _Identity:
+    """Hashes and compares an object by identity, holding it alive while keyed."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __repr__(self) -> str:
+        return f"<{type(self.obj).__name__} at {id(self.obj):#x}>"
+
+
+class CallKey:
+    """The default key of a call: its arguments bound to the signature, defaults applied.
+
+    ``f(1)``, ``f(x=1)`` and ``f(1, limit=50)`` (where 50 is the default) give the same
+    key. A first parameter named ``self`` or ``cls`` is keyed by identity, so two
+    instances never share a call even if they compare equal. Arguments must be hashable:
+    an unhashable one raises `TypeError` naming it; pass ``key=`` to say what matters.
+    """
+
+    __slots__ = ("_by_identity", "_defaults", "_fast", "_names", "_qualname", "_signature")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._signature = inspect.signature(fn)
+        params = list(self._signature.parameters.values())
+        self._qualname = getattr(fn, "__qualname__", repr(fn))
+        self._names = tuple(p.name for p in params)
+        self._defaults = tuple(p.default for p in params)
+        # Only plain positional-or-keyword parameters can take the fast path.
+        self._fast = all(p.kind in _POSITIONAL for p in params)
+        self._by_identity = bool(params) and params[0].name in ("self", "cls")
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        names = self._names
+        if self._fast and not kwargs and len(args) == len(names):
+            values: tuple[Any, ...] = args
+        elif self._fast and len(args) <= len(names):
+            values = self._fill(args, kwargs)
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = tuple(
+                tuple(sorted(v.items())) if isinstance(v, dict) else v
+                for v in bound.arguments.values()
+            )
+        if self._by_identity and values:
+            values = (_Identity(values[0]), *values[1:])
+        try:
+            hash(values)
+        except TypeError:
+            raise self._unhashable(values) from None
+        return values
+
+    def _fill(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        names, defaults = self._names, self._defaults
+        values = list(args)
+        used = 0
+        for i in range(len(args), len(names)):
+            name = names[i]
+            if name in kwargs:
+                values.append(kwargs[name])
+                used += 1
+            elif defaults[i] is not _NO_DEFAULT:
+                values.append(defaults[i])
+            else:
+                self._signature.bind(*args, **kwargs)  # raises the usual TypeError
+        if used != len(kwargs):
+            self._signature.bind(*args, **kwargs)
+        return tuple(values)
+
+    def _unhashable(self, values: tuple[Any, ...]) -> TypeError:
+        for name, value in zip(self._names, values, strict=False):
+            try:
+                hash(value)
+            except TypeError:
+                return TypeError(
+                    f"{self._qualname}: argument {name!r} is an unhashable "
+                    f"{type(value).__name__}; pass a hashable value or give "
+                    f"@coalesced a key= function"
+                )
+        return TypeError(f"{self._qualname}: arguments are unhashable; give @coalesced a key=")

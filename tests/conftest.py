@@ -1,0 +1,47 @@
+"""Fixtures shared by every test module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import settings
+
+from coalesce import SingleFlight
+
+# pytest_plugins: added once tests/fixtures_emulator.py lands
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("fuzz", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def groups() -> Iterator[Callable[..., SingleFlight[Any]]]:
+    """Make `SingleFlight` groups; after the test every one of them must be empty.
+
+    Empty means no key in the table and no upstream call still running: whatever the
+    test did (cancel, time out, raise, forget), nothing was left behind.
+    """
+    made: list[SingleFlight[Any]] = []
+
+    def make(*args: Any, **kwargs: Any) -> SingleFlight[Any]:
+        kwargs.setdefault("metrics", False)
+        group: SingleFlight[Any] = SingleFlight(*args, **kwargs)
+        made.append(group)
+        return group
+
+    make.track = made.append  # type: ignore[attr-defined]
+    yield make
+    for group in made:
+        assert len(group) == 0, f"{group!r} left keys in flight"
+        assert group.running == 0, f"{group!r} left upstream calls running"
+
+
+async def settle(turns: int = 8) -> None:
+    """Let every ready task run until it blocks (loop turns, not wall-clock time)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
