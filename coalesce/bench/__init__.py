@@ -1,0 +1,1 @@
+"""Thundering-herd benchmarks behind `coalesce bench`."""

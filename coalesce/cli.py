@@ -1,0 +1,117 @@
+"""The `coalesce` command: `coalesce bench herd`, `coalesce emulator`, `coalesce sidecar`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "parse_duration"]
+
+_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"1ms"``, ``"250us"``, ``"0.5s"`` or a bare number of seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(us|µs|ms|s)?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number with us, ms or s, e.g. 1ms"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, int]], use_uvloop: bool) -> int:
+    """Run `main` on the default asyncio loop, or on uvloop when asked."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            raise SystemExit("--uvloop needs uvloop: pip install 'coalesce[uvloop]'") from None
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def _bench_herd(args: argparse.Namespace) -> int:
+    from coalesce.bench import herd
+
+    config = herd.HerdConfig(callers=args.callers, latency=args.latency)
+    bar: Any = None
+
+    def progress(mode: str, done: int, total: int) -> None:
+        nonlocal bar
+        if args.quiet or not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+
+        if bar is None or bar.desc != mode:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, desc=mode, unit="caller", leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    async def main() -> int:
+        results = await herd.run_herd(config, progress=progress)
+        if bar is not None:
+            bar.close()
+        title = (f"{config.callers:,} concurrent reads of one hot key, "
+                 f"{config.latency * 1e3:g} ms per upstream read")
+        print(title)
+        print(herd.format_table(results))
+        if args.json:
+            herd.write_json(results, args.json, title=title, latency_s=config.latency)
+        if args.plot:
+            herd.plot(results, args.plot, title)
+            print(f"plot written to {args.plot}")
+        return 0
+
+    return run_loop(main, args.uvloop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coalesce", description="Single-flight request coalescing in front of ScyllaDB."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="thundering-herd benchmarks")
+    scenarios = bench.add_subparsers(dest="scenario", required=True)
+    herd = scenarios.add_parser(
+        "herd", help="N concurrent reads of one hot key, with and without coalescing"
+    )
+    herd.add_argument("--callers", type=_positive_int, default=10_000,
+                      help="concurrent callers (default 10,000)")
+    herd.add_argument("--latency", type=parse_duration, default=0.001,
+                      help="service time of one upstream read (default 1ms)")
+    herd.add_argument("--json", type=Path, help="write the results as JSON here")
+    herd.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    herd.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    herd.add_argument("--quiet", action="store_true", help="no progress bar")
+    herd.set_defaults(run=_bench_herd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
