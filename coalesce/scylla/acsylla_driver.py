@@ -1,0 +1,115 @@
+"""The acsylla side of `CoalescingSession`."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import acsylla
+
+from coalesce.cql.classify import StatementInfo, classify
+from coalesce.scylla.rows import Rows
+from coalesce.scylla.session import Call
+
+__all__ = ["AcsyllaDriver", "Prepared"]
+
+# Options that change the answer, in key order; `timeout` does not, `native_types` does.
+_KEYED = ("page_size", "paging_state", "consistency", "serial_consistency",
+          "execution_profile", "native_types")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An acsylla prepared statement with the text it was prepared from.
+
+    `CoalescingSession.prepare` returns these: acsylla's own prepared statements do
+    not expose their text, and without it a statement cannot be classified, so a bare
+    acsylla prepared statement is always executed without coalescing.
+    """
+
+    statement: Any
+    query: str
+    keyspace: str | None
+
+
+def _freeze(value: Any) -> Hashable:
+    """A hashable, type-exact form of a bound value (1, 1.0 and True stay distinct)."""
+    if isinstance(value, Mapping):
+        return (dict, tuple(sorted((_freeze(k), _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_freeze(v) for v in value))
+    if isinstance(value, (set, frozenset)):
+        return (frozenset, frozenset(_freeze(v) for v in value))
+    return (type(value), value)
+
+
+class AcsyllaDriver:
+    """Makes `Call`s of statements for an acsylla session."""
+
+    def __init__(self, session: Any, scope: Hashable | None, keyspace: str | None = None) -> None:
+        self.session = session
+        self.scope = scope if scope is not None else ("acsylla", id(session))
+        self.keyspace = keyspace
+
+    async def prepare(self, query: str) -> Prepared:
+        return Prepared(await self.session.create_prepared(query), query, self.keyspace)
+
+    def call(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Call:
+        unknown = set(options) - {*_KEYED, "timeout"}
+        if unknown:
+            raise TypeError(f"unknown acsylla option(s): {', '.join(sorted(unknown))}")
+        if isinstance(statement, Prepared):
+            info = classify(statement.query)
+            keyspace = info.keyspace or statement.keyspace
+            identity: Hashable = ("prepared", statement.query)
+        elif isinstance(statement, str):
+            info = classify(statement)
+            keyspace = info.keyspace or self.keyspace
+            identity = ("text", statement)
+        else:  # a raw acsylla statement, batch or prepared statement: opaque, never shared
+            return Call(None, StatementInfo("other"), None, None, self._runner(statement, None, {}))
+
+        if info.kind == "use" and info.keyspace is not None:
+            self.keyspace = info.keyspace
+        table = (keyspace, info.table) if info.table is not None else None
+        run = self._runner(statement, parameters, options)
+        if not info.coalescable:
+            return Call(None, info, table, None, run)
+        values = _freeze(parameters) if parameters is not None else None
+        key = (self.scope, keyspace, identity, values, *(options.get(k) for k in _KEYED))
+        return Call(key, info, table, None, run)
+
+    def _runner(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Any:
+        session = self.session
+        kwargs = {("page_state" if k == "paging_state" else k): v for k, v in options.items()
+                  if v is not None and k != "timeout"}
+
+        async def run(timeout: float | None) -> Rows:
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            if isinstance(statement, Prepared):
+                kwargs.pop("native_types", None)
+                stmt = statement.statement.bind(_values(parameters), **kwargs)
+            elif isinstance(statement, str):
+                stmt = acsylla.create_statement(statement, _values(parameters), **kwargs)
+            else:
+                stmt = statement
+            result = await session.execute(stmt)
+            return _rows(result)
+
+        return run
+
+
+def _values(parameters: Any) -> Any:
+    if parameters is None or isinstance(parameters, Mapping):
+        return parameters
+    if isinstance(parameters, Sequence) and not isinstance(parameters, str):
+        return list(parameters)
+    raise TypeError(f"parameters must be a sequence or a mapping, not {type(parameters).__name__}")
+
+
+def _rows(result: Any) -> Rows:
+    columns = tuple(result.columns_names()) if result.column_count() else ()
+    state = result.page_state() if result.has_more_pages() else None
+    return Rows((row.as_tuple() for row in result.all()), columns, state or None)
