@@ -36,7 +36,7 @@ class _Flight:
     """One upstream call and the callers waiting for it."""
 
     __slots__ = (
-        "args", "done", "exception", "fn", "joined", "key", "kwargs", "linger", "result",
+        "args", "done", "exception", "fn", "key", "kwargs", "linger", "result",
         "started_at", "task", "waiters", "waiting",
     )
 
@@ -44,7 +44,6 @@ class _Flight:
         self.key = key
         self.waiters: list[Future[Any]] = []
         self.waiting = 0  # callers still waiting (cancelled ones leave their future behind)
-        self.joined = 0  # callers served in all, for the waiters histogram
         self.task: Task[None] | None = None  # None while queued behind max_inflight
         self.done = False
         self.result: Any = None
@@ -336,7 +335,6 @@ class SingleFlight(Generic[T]):
         waiter: Future[T] = loop.create_future()
         flight.waiters.append(waiter)
         flight.waiting += 1
-        flight.joined += 1
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:
             return await waiter
@@ -433,7 +431,7 @@ class SingleFlight(Generic[T]):
                 stats.upstream_cancelled += 1
             else:
                 stats.upstream_error += 1
-            stats.waiters.observe(flight.joined)
+            stats.waiters.observe(len(flight.waiters))
             stats.latency.observe(time.perf_counter() - flight.started_at)
         waiters, flight.waiters = flight.waiters, []
         if exception is None:
