@@ -17,8 +17,16 @@ __all__ = ["StatementInfo", "classify"]
 
 # Functions whose result differs between two identical statements.
 _VOLATILE = frozenset(
-    {"now", "uuid", "currenttimestamp", "currentdate", "currenttime", "currenttimeuuid",
-     "random", "rand"}
+    {
+        "now",
+        "uuid",
+        "currenttimestamp",
+        "currentdate",
+        "currenttime",
+        "currenttimeuuid",
+        "random",
+        "rand",
+    }
 )
 
 _TOKEN = re.compile(
