@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CoalesceError", "LoopMismatchError", "Overloaded"]
+__all__ = ["CoalesceError", "LoopMismatchError", "NoNodesError", "Overloaded"]
 
 
 class CoalesceError(Exception):
@@ -21,3 +21,7 @@ class Overloaded(CoalesceError):
 
 class LoopMismatchError(CoalesceError, RuntimeError):
     """A group with calls in flight on one event loop was used from another loop."""
+
+
+class NoNodesError(CoalesceError, LookupError):
+    """A key was routed on a `Router` that has no nodes."""
