@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,17 @@ from typing import Any, Protocol
 
 from coalesce.flight import SingleFlight
 
-__all__ = ["HerdConfig", "HerdResult", "HotPartition", "Target", "format_table", "plot", "run_herd"]
+__all__ = [
+    "HerdConfig",
+    "HerdResult",
+    "HotPartition",
+    "Target",
+    "format_table",
+    "plot",
+    "run_herd",
+    "single_flight_read",
+    "write_json",
+]
 
 
 class Target(Protocol):
@@ -57,10 +68,17 @@ class HotPartition:
 
 @dataclass
 class HerdConfig:
+    """One herd: `callers` reads of `channels` hot keys (caller i reads key i % channels).
+
+    With ``spread`` 0 every caller arrives at once; otherwise arrivals are uniform over
+    ``spread`` seconds (seeded, the same in every mode).
+    """
+
     callers: int = 10_000
     latency: float = 0.001
-    key: int = 42
-    modes: tuple[str, ...] = ("direct", "coalesced")
+    channels: int = 1
+    spread: float = 0.0
+    seed: int = 1
 
 
 @dataclass
@@ -108,18 +126,24 @@ async def _herd(
     latencies: list[float] = []
     errors = 0
     gate = asyncio.Event()
+    arrivals = random.Random(config.seed)
 
-    async def caller() -> None:
+    async def caller(key: int, delay: float) -> None:
         nonlocal errors
         await gate.wait()
+        if delay:
+            await asyncio.sleep(delay)
         start = clock()
         try:
-            await read(config.key)
+            await read(key)
         except Exception:
             errors += 1
         latencies.append(clock() - start)
 
-    tasks = [loop.create_task(caller()) for _ in range(config.callers)]
+    tasks = [
+        loop.create_task(caller(i % config.channels, arrivals.uniform(0, config.spread)))
+        for i in range(config.callers)
+    ]
     await asyncio.sleep(0)  # every caller is parked on the gate
     cpu, wall = time.process_time(), time.perf_counter()
     gate.set()
@@ -147,33 +171,29 @@ async def _herd(
     )
 
 
+def single_flight_read(target: Target) -> Callable[[int], Awaitable[object]]:
+    """The plain coalesced path: a `SingleFlight` around ``target.read``."""
+    group: SingleFlight[object] = SingleFlight("bench-herd", metrics=False)
+
+    async def read(key: int) -> object:
+        return await group.do(key, target.read, key)
+
+    return read
+
+
 async def run_herd(
     config: HerdConfig,
-    target: Target | None = None,
+    target: Target,
+    reads: dict[str, Callable[[int], Awaitable[object]]],
     *,
-    coalesced_read: Callable[[int], Awaitable[object]] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[HerdResult]:
-    """Run each mode of `config` once against `target` and return the results.
+    """Run the herd once per mode (name -> read function) and return the results.
 
-    ``coalesced_read`` replaces the default coalesced path (a `SingleFlight` around
-    ``target.read``), e.g. with a coalescing driver session. ``progress(mode, done,
-    total)`` is called a few times a second while a mode runs (not per caller).
+    ``progress(mode, done, total)`` is called a few times a second while a mode runs
+    (never per caller, so it costs the measurement nothing).
     """
-    target = target or HotPartition(config.latency)
-    if coalesced_read is None:
-        group: SingleFlight[object] = SingleFlight("bench-herd", metrics=False)
-
-        async def coalesced_read(key: int) -> object:
-            return await group.do(key, target.read, key)
-
-    reads = {"direct": target.read, "coalesced": coalesced_read}
-    results = []
-    for mode in config.modes:
-        if mode not in reads:
-            raise ValueError(f"unknown mode {mode!r}; choose from {sorted(reads)}")
-        results.append(await _herd(mode, reads[mode], config, target, progress))
-    return results
+    return [await _herd(mode, read, config, target, progress) for mode, read in reads.items()]
 
 
 def format_table(results: list[HerdResult]) -> str:

@@ -36,7 +36,7 @@ class Rows(Sequence[tuple[Any, ...]]):
         self._rows = tuple(self._freeze(row) for row in rows)
 
     def _freeze(self, row: Any) -> tuple[Any, ...]:
-        if isinstance(row, tuple):
+        if isinstance(row, tuple) and hasattr(row, "_fields"):
             return row
         if isinstance(row, Mapping):
             return _row_type(tuple(row))(*row.values())
