@@ -12,7 +12,7 @@ from hypothesis import settings
 
 from coalesce import SingleFlight
 
-# pytest_plugins: added once tests/fixtures_emulator.py lands
+pytest_plugins = ["tests.fixtures_emulator"]
 
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("fuzz", max_examples=5000, deadline=None)

@@ -1,0 +1,176 @@
+"""`coalesce emulator`: run the emulator from the command line.
+
+    coalesce emulator --listen 127.0.0.1:9042 [--shards N] [--read-latency 1ms]
+                      [--write-latency 1ms] [--per-row 2us]
+                      [--metrics 127.0.0.1:9100] [--auth]
+
+Durations accept `s`, `ms`, `us` (or `µs`) and `ns` suffixes (`1ms`,
+`250us`, `0.5s`; a bare number is seconds). Bad values are reported by
+argparse with a one-line message. The process serves until Ctrl-C or
+SIGTERM, then closes every connection and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+
+from coalesce.emulator.emulator import Emulator, EmulatorConfig
+
+__all__ = [
+    "BANNER",
+    "config_from_args",
+    "configure_parser",
+    "parse_address",
+    "parse_duration",
+    "run",
+]
+
+BANNER = (
+    "coalesce emulator: a TEST AND BENCHMARK stand-in for ScyllaDB -- not a database.\n"
+    "Data lives in memory only and is lost on exit; one node, no replication."
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|ms|us|µs|ns)?\s*$")
+_UNITS = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text: str) -> float:
+    """`"1ms"` -> 0.001 seconds; raises `argparse.ArgumentTypeError` on bad input."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a number with s, ms, us or ns (e.g. 1ms, 250us)"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`"127.0.0.1:9042"` -> ("127.0.0.1", 9042); `[::1]:9042` for IPv6."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid shard count {text!r}: expected an integer >= 1")
+    return int(text)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the emulator's options to `parser` (a subcommand parser)."""
+    parser.description = BANNER
+    parser.add_argument(
+        "--listen",
+        type=parse_address,
+        default=("127.0.0.1", 9042),
+        metavar="HOST:PORT",
+        help="address to serve CQL on (default 127.0.0.1:9042)",
+    )
+    parser.add_argument(
+        "--shards", type=_positive_int, default=4, help="emulated shards (default 4)"
+    )
+    parser.add_argument(
+        "--read-latency",
+        type=parse_duration,
+        default=0.001,
+        metavar="DURATION",
+        help="service time of one read on its shard (default 1ms)",
+    )
+    parser.add_argument(
+        "--write-latency",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="service time of one write (default: same as --read-latency)",
+    )
+    parser.add_argument(
+        "--per-row",
+        type=parse_duration,
+        default=2e-6,
+        metavar="DURATION",
+        help="extra service time per row read (default 2us)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=parse_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on this address",
+    )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="require PasswordAuthenticator login (superuser cassandra/cassandra)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    """Map parsed flags onto an `EmulatorConfig`."""
+    host, port = args.listen
+    return EmulatorConfig(
+        host=host,
+        port=port,
+        shards=args.shards,
+        read_latency=args.read_latency,
+        write_latency=args.write_latency,
+        per_row=args.per_row,
+        auth=args.auth,
+        metrics=args.metrics,
+    )
+
+
+async def _serve(config: EmulatorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Emulator.from_config(config) as emulator:
+        print(BANNER, flush=True)
+        print(
+            f"listening on {emulator.host}:{emulator.port} with {config.shards} shards"
+            + (
+                f", metrics on {config.metrics[0]}:{emulator.metrics_port}"
+                if config.metrics
+                else ""
+            )
+            + (", auth on (cassandra/cassandra)" if config.auth else ""),
+            flush=True,
+        )
+        await stop.wait()
+        print("stopping", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run until interrupted; returns the process exit status."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"coalesce emulator: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(f"coalesce emulator: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m coalesce.emulator.command`)."""
+    parser = argparse.ArgumentParser(prog="coalesce emulator")
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
