@@ -163,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     herd.add_argument("--uvloop", action="store_true", help="run on uvloop")
     herd.add_argument("--quiet", action="store_true", help="no progress bar")
     herd.set_defaults(run=_bench_herd)
+
+    from coalesce.emulator import command as emulator_command
+
+    emulator = commands.add_parser(
+        "emulator",
+        help="run the Scylla emulator (a test and benchmark tool, not a database)",
+        description=emulator_command.BANNER,
+    )
+    emulator_command.configure_parser(emulator)
+    emulator.set_defaults(run=emulator_command.run)
     return parser
 
 

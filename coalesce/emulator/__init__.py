@@ -25,6 +25,7 @@ from coalesce.emulator.errors import (
     Unprepared,
 )
 from coalesce.emulator.metrics import STATEMENT_KINDS
+from coalesce.emulator.server import ReadHold
 from coalesce.emulator.shards import ShardModel, shard_of
 from coalesce.emulator.thread import EmulatorThread
 
@@ -42,6 +43,7 @@ __all__ = [
     "EmulatorThread",
     "InvalidRequest",
     "ProtocolViolation",
+    "ReadHold",
     "ShardModel",
     "Unauthorized",
     "Unprepared",

@@ -4,9 +4,9 @@ It composes the pieces -- schema, storage, system tables, executor, shard
 latency model, metrics, CQL server -- and owns their lifecycle::
 
     async with Emulator(shards=4, read_latency=0.001) as emu:
-        cluster = Cluster([emu.host], port=emu.port)   # or acsylla
+        cluster = acsylla.create_cluster([emu.host], port=emu.port)
         ...
-        emu.statements["select"]
+        emu.statements["select"], emu.shard_queue_depths()
 
 `stop()` closes the listening socket and every client connection at once,
 as a crashed node would; `await start()` listens again on the *same* port
@@ -29,7 +29,7 @@ from coalesce.emulator.auth import Roles
 from coalesce.emulator.executor import Executor
 from coalesce.emulator.metrics import EmulatorMetrics
 from coalesce.emulator.schema import Schema
-from coalesce.emulator.server import CqlServer, LatencyModel
+from coalesce.emulator.server import CqlServer, LatencyModel, ReadHold
 from coalesce.emulator.shards import ShardModel
 from coalesce.emulator.storage import Storage
 from coalesce.emulator.system_tables import NodeInfo, SystemTables
@@ -154,6 +154,11 @@ class Emulator:
     def shard_queue_depths(self) -> list[int]:
         """Requests queued or in service on each shard right now."""
         return self.shard_model.queue_depths()
+
+    def hold_reads(self) -> ReadHold:
+        """Hold back the responses of user-table reads from now on (see `ReadHold`)."""
+        hold = self._server.hold = ReadHold()
+        return hold
 
     def forget_prepared(self) -> None:
         """Drop every prepared statement; the next EXECUTE of any id gets UNPREPARED."""

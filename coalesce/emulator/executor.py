@@ -65,6 +65,7 @@ from coalesce.emulator.values import decode_bound, resolve
 from coalesce.emulator.writes import ConditionResult, PlannedWrite, plan_write
 
 __all__ = [
+    "BatchChild",
     "ExecutionOptions",
     "Executor",
     "Outcome",
@@ -111,6 +112,16 @@ class PreparedStatement:
     keyspace: str | None
     shape: BoundShape
     result_columns: list[ColumnSpec]
+
+
+@dataclass(slots=True)
+class BatchChild:
+    """One statement of a protocol BATCH, ready to bind (`shape` known if prepared)."""
+
+    statement: Statement
+    keyspace: str | None
+    values: _Values
+    shape: BoundShape | None = None
 
 
 @dataclass(slots=True)
@@ -308,28 +319,39 @@ class Executor:
         )
         return key, data, self._reads.get(key, data), data.version
 
+    def batch_child(
+        self, query_or_id: str | bytes, values: _Values, session: Session
+    ) -> BatchChild:
+        """One statement of a protocol BATCH: a query text, or a prepared id.
+
+        Raises `Unprepared` for an unknown id and `CqlSyntaxError` for bad text.
+        """
+        if isinstance(query_or_id, bytes):
+            prepared = self.lookup(query_or_id)
+            return BatchChild(
+                prepared.statement, prepared.keyspace or session.keyspace, values, prepared.shape
+            )
+        return BatchChild(self.parse(query_or_id), session.keyspace, values, None)
+
     def execute_batch(
         self,
-        children: list[tuple[Statement, str | None, _Values, list[str] | None, bool]],
+        children: list[BatchChild],
         batch_type: int,
         session: Session,
         options: ExecutionOptions,
     ) -> Outcome:
-        """Run a protocol BATCH.
-
-        `children` are (statement, keyspace, raw values, names, is_prepared);
-        every child is validated before any is applied.
-        """
+        """Run a protocol BATCH; every child is validated before any is applied."""
         planned: list[PlannedWrite] = []
         timestamp = options.timestamp or _now_micros()
-        for statement, keyspace, values, names, _ in children:
+        for child in children:
+            statement, keyspace = child.statement, child.keyspace
             if not isinstance(statement, Insert | Update | Delete):
                 raise InvalidRequest(
                     "Invalid statement in batch: only UPDATE, INSERT and DELETE statements are "
                     "allowed."
                 )
-            shape = bind_markers(statement, self._resolver(keyspace))
-            bound = _decode_values(shape, values, names)
+            shape = child.shape or bind_markers(statement, self._resolver(keyspace))
+            bound = _decode_values(shape, child.values, None)
             planned.append(self._plan(statement, bound, keyspace, session, timestamp))
         kind = {0: "logged", 1: "unlogged", 2: "counter"}.get(batch_type, "logged")
         return self._apply_batch(planned, kind)

@@ -424,8 +424,11 @@ def run_select(
     per_partition = _int_option(select.per_partition_limit, bound, "PER PARTITION LIMIT")
     is_count = any(s.kind == "count" for s in select.selectors)
     if is_count:
+        # An aggregate is computed over every matching row into one row, which
+        # LIMIT and paging then apply to.
         page_size = None
         paging_state = None
+        limit = None
     if page_size is not None and page_size <= 0:
         page_size = None
 

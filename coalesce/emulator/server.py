@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from coalesce.cql.codes import ErrorCode, ResultKind
@@ -80,7 +80,6 @@ from coalesce.emulator.errors import (
 from coalesce.emulator.executor import ExecutionOptions, Executor, Outcome, Session
 from coalesce.emulator.metrics import EmulatorMetrics
 from coalesce.emulator.shards import Reservation, ShardModel, shard_of
-from coalesce.emulator.statements import Statement
 
 __all__ = ["CqlServer", "LatencyModel"]
 
@@ -115,6 +114,35 @@ class LatencyModel:
     per_row: float = 2e-6
 
 
+class ReadHold:
+    """Keeps back the responses of user-table reads, for tests that need a read in flight.
+
+    Reads arriving while the hold is open are executed (against the data as it is
+    then) and counted as usual, but their responses wait until `release()`; the
+    latency model is charged from the release. `close()` stops holding new reads and
+    keeps the held ones. Test instrumentation: Scylla has nothing like it.
+    """
+
+    def __init__(self) -> None:
+        self.open = True
+        self._pending: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def keep(self, respond: Callable[[], None]) -> None:
+        self._pending.append(respond)
+
+    def close(self) -> None:
+        self.open = False
+
+    def release(self) -> None:
+        self.open = False
+        pending, self._pending = self._pending, []
+        for respond in pending:
+            respond()
+
+
 class CqlServer:
     """Serves CQL connections for one emulator; see the module docstring.
 
@@ -138,6 +166,7 @@ class CqlServer:
         self.latency = latency
         self.auth = auth
         self.max_frame = max_frame
+        self.hold: ReadHold | None = None
         self._connections: set[_Connection] = set()
 
     @property
@@ -149,8 +178,9 @@ class CqlServer:
         return _Connection(self)
 
     def close_connections(self) -> None:
+        """Abort every client connection at once; unsent responses are dropped."""
         for connection in list(self._connections):
-            connection.close()
+            connection.abort()
 
     def costs(self, outcome: Outcome) -> list[tuple[int, float]]:
         """Per-shard service time of an outcome (empty for system reads and DDL)."""
@@ -227,9 +257,16 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def close(self) -> None:
+        """Close after flushing what was already written (an error frame, say)."""
         if not self._closed and self._transport is not None:
             self._closed = True
             self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, as a crashing node would."""
+        if self._transport is not None:
+            self._closed = True
+            self._transport.abort()
 
     def send(self, opcode: int, body: bytes, *, stream: int) -> None:
         """Write one response frame now (no-op once the connection is closing)."""
@@ -424,33 +461,10 @@ class _Connection(asyncio.Protocol):
             )
         else:
             batch = Batch.decode(body)
-            children: list[
-                tuple[Statement, str | None, Sequence[object], list[str] | None, bool]
-            ] = []
-            for item in batch.statements:
-                if item.is_prepared:
-                    assert isinstance(item.query_or_id, bytes)
-                    child = executor.lookup(item.query_or_id)
-                    children.append(
-                        (
-                            child.statement,
-                            child.keyspace or self.session.keyspace,
-                            item.values,
-                            None,
-                            True,
-                        )
-                    )
-                else:
-                    assert isinstance(item.query_or_id, str)
-                    children.append(
-                        (
-                            executor.parse(item.query_or_id),
-                            self.session.keyspace,
-                            item.values,
-                            None,
-                            False,
-                        )
-                    )
+            children = [
+                executor.batch_child(item.query_or_id, item.values, self.session)
+                for item in batch.statements
+            ]
             outcome = executor.execute_batch(
                 children,
                 batch.batch_type,
@@ -463,6 +477,15 @@ class _Connection(asyncio.Protocol):
         self._respond(outcome, stream)
 
     def _respond(self, outcome: Outcome, stream: int) -> None:
+        hold = self._server.hold
+        if hold is not None and hold.open and (outcome.reads or outcome.scan):
+            hold.keep(lambda: self._respond_now(outcome, stream))
+            return
+        self._respond_now(outcome, stream)
+
+    def _respond_now(self, outcome: Outcome, stream: int) -> None:
+        if self._closed:
+            return
         body = outcome.encoded()
         costs = self._server.costs(outcome)
         if not costs:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from coalesce.emulator.emulator import Emulator
+from coalesce.emulator.emulator import DEFAULT_MAX_FRAME, Emulator, EmulatorConfig
 
 __all__ = ["EmulatorThread"]
 
@@ -33,8 +33,23 @@ _T = TypeVar("_T")
 class EmulatorThread:
     """Runs `Emulator(**kwargs)` in a daemon thread; see the module docstring."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> None:
-        self._kwargs = dict(kwargs, host=host, port=port)
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        shards: int = 4,
+        read_latency: float = 0.001,
+        write_latency: float | None = None,
+        per_row: float = 2e-6,
+        auth: bool = False,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        metrics: tuple[str, int] | None = None,
+    ) -> None:
+        # Validate now, in the caller's thread, rather than inside the loop thread.
+        self.config = EmulatorConfig(
+            host, port, shards, read_latency, write_latency, per_row, auth, max_frame, metrics
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._emulator: Emulator | None = None
@@ -74,7 +89,7 @@ class EmulatorThread:
             asyncio.set_event_loop(loop)
 
             async def boot() -> Emulator:
-                emulator = Emulator(**self._kwargs)
+                emulator = Emulator.from_config(self.config)
                 await emulator.start()
                 return emulator
 

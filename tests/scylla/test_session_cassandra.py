@@ -110,6 +110,40 @@ async def test_a_read_after_a_write_sees_the_write(driver_session, coalescing):
     assert rows[0].message_id == 99 and len(rows) == 2
 
 
+async def test_write_makes_later_reads_of_its_partition_leave_an_older_read_in_flight(
+    driver_session, slow_emulator, coalescing
+):
+    written, untouched = new_channel(driver_session), new_channel(driver_session)
+    cs = coalescing(driver_session)
+    # Every partition-key column bound: the driver knows each statement's partition.
+    select = await cs.prepare("SELECT * FROM messages WHERE channel_id = ? AND bucket = ?")
+    insert = await cs.prepare(
+        "INSERT INTO messages (channel_id, bucket, message_id, author_id, content)"
+        " VALUES (?, ?, 50, 1, 'fresh')"
+    )
+    hold = slow_emulator.call(slow_emulator.emulator.hold_reads)
+    try:
+        before = selects(slow_emulator)
+        older = asyncio.create_task(cs.execute(select, (written, 0)))
+        other = asyncio.create_task(cs.execute(select, (untouched, 0)))
+        await asyncio.to_thread(
+            slow_emulator.run, slow_emulator.emulator.wait_for_statements("select", before + 2)
+        )
+        slow_emulator.call(hold.close)  # both reads are in flight, held; new reads flow
+
+        await cs.execute(insert, (written, 0))
+        assert not older.done()
+        later = await cs.execute(select, (written, 0))  # a fresh flight: it sees the write
+        same_other = asyncio.create_task(cs.execute(select, (untouched, 0)))  # joins: untouched
+        await settle()
+        assert selects(slow_emulator) - before == 3
+    finally:
+        slow_emulator.call(hold.release)
+    assert 50 not in [row.message_id for row in await older]
+    assert later[0].message_id == 50
+    assert await other is await same_other
+
+
 async def test_lwt_and_batches_pass_through_uncoalesced(driver_session, slow_emulator, coalescing):
     cs = coalescing(driver_session)
     channel = next(_channels)
