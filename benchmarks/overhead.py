@@ -58,7 +58,10 @@ class DictOfTasks:
         return await asyncio.shield(task)
 
 
-def implementations(backend: Callable[[int], Awaitable[int]]) -> dict[str, Callable[[int], Awaitable[Any]]]:
+Read = Callable[[int], Awaitable[Any]]
+
+
+def implementations(backend: Callable[[int], Awaitable[int]]) -> dict[str, Read]:
     alru = _async_lru()
     off: SingleFlight[int] = SingleFlight("bench-off", metrics=False)
     on: SingleFlight[int] = SingleFlight("bench-on", registry=CollectorRegistry())

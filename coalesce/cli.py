@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulator_command.configure_parser(emulator)
     emulator.set_defaults(run=emulator_command.run)
+
+    from coalesce.sidecar import command as sidecar_command
+
+    sidecar = commands.add_parser(
+        "sidecar", help="run the CQL proxy that merges identical concurrent reads"
+    )
+    sidecar_command.configure_parser(sidecar)
     return parser
 
 

@@ -29,7 +29,9 @@ class Flight:
     number: int
     started: int  # the step at which the backend was entered
     ended: int | None = None
-    gate: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    gate: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 async def run(ops: list[tuple[Any, ...]]) -> None:
@@ -53,7 +55,7 @@ async def run(ops: list[tuple[Any, ...]]) -> None:
         return flight
 
     callers: list[tuple[asyncio.Task[Flight], int, int]] = []  # task, arrival, last forget
-    for step, op in enumerate(ops):  # noqa: B007 - `step` is read by the backends
+    for step, op in enumerate(ops):
         if op[0] in ("arrive", "sync"):
             fn = backend if op[0] == "arrive" else instant
             callers.append((asyncio.create_task(group.do("k", fn)), step, last_forget))

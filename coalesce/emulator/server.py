@@ -30,6 +30,7 @@ import logging
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from coalesce.cql.codes import ErrorCode, ResultKind
 from coalesce.cql.errors import CQLProtocolError
@@ -239,8 +240,8 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio.Transport: no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
         self._server._opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -241,7 +241,8 @@ def test_driver_and_emulator_agree_on_tokens(
     driver: tuple[Cluster, Session, str], cql_target: CqlTarget
 ) -> None:
     cluster, session, keyspace = driver
-    assert cql_target.emulator is not None
+    if cql_target.emulator is None:
+        pytest.skip("inspects the emulator itself")
     select = session.prepare("SELECT * FROM messages WHERE channel_id = ? AND bucket = ?")
     bound = select.bind((99, 3))
     expected = cluster.metadata.token_map.token_class.from_key(bound.routing_key).value
@@ -305,7 +306,8 @@ def test_statements_are_counted_by_kind_apart_from_system_reads(
     driver: tuple[Cluster, Session, str], cql_target: CqlTarget
 ) -> None:
     _, session, _ = driver
-    assert cql_target.emulator is not None
+    if cql_target.emulator is None:
+        pytest.skip("inspects the emulator itself")
     before = dict(cql_target.emulator.statements)
     session.execute("SELECT * FROM messages WHERE channel_id = 1 AND bucket = 1")
     session.execute("SELECT * FROM system.local")
@@ -318,7 +320,8 @@ def test_execute_after_forget_prepared_transparently_reprepares(
     driver: tuple[Cluster, Session, str], cql_target: CqlTarget
 ) -> None:
     _, session, _ = driver
-    assert cql_target.emulator is not None
+    if cql_target.emulator is None:
+        pytest.skip("inspects the emulator itself")
     select = session.prepare("SELECT content FROM messages WHERE channel_id = ? AND bucket = ?")
     session.execute(select, (1, 1))
     cql_target.emulator.forget_prepared()

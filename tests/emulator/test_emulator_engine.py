@@ -27,7 +27,7 @@ from coalesce.emulator.executor import (
     Session,
     prepared_id,
 )
-from coalesce.emulator.schema import Schema
+from coalesce.emulator.schema import Schema, TableDef
 from coalesce.emulator.storage import Storage, routing_key, token_of
 from coalesce.emulator.system_tables import NodeInfo, SystemTables
 
@@ -203,6 +203,7 @@ def test_a_bad_paging_state_is_an_invalid_request(engine: Engine, state: bytes) 
 
 def test_count_distinct_and_filtering(engine: Engine) -> None:
     assert engine.rows("SELECT COUNT(*) FROM messages") == [[10]]
+    assert engine.rows("SELECT COUNT(*) FROM messages LIMIT 3") == [[10]]
     assert engine.rows("SELECT DISTINCT channel_id, bucket FROM messages") == [[1, 0]]
     with pytest.raises(InvalidRequest, match="ALLOW FILTERING"):
         engine.run("SELECT * FROM messages WHERE content = 'm3'")
@@ -394,9 +395,14 @@ def test_bound_values_are_decoded_by_marker_type(engine: Engine) -> None:
     )
 )
 def test_tokens_match_the_driver_murmur3_of_the_routing_key(keys: list[tuple[int, int]]) -> None:
-    e = Engine()
-    e.setup_messages()
-    columns = e.schema.table("ks", "messages").partition_key
+    columns = TableDef.build(
+        "ks",
+        "messages",
+        [("channel_id", "bigint", False), ("bucket", "int", False)],
+        ["channel_id", "bucket"],
+        [],
+        {},
+    ).partition_key
     for channel, bucket in keys:
         key = routing_key(columns, (channel, bucket))
         expected = (

@@ -1,0 +1,570 @@
+"""The upstream side as a whole: nodes, their health, and pools of connections.
+
+`Upstream` knows every configured Scylla node, whether it answers, which tokens it
+owns, and the credentials of each role that logged in through the sidecar. A `Pool`
+holds up to ``connections_per_node`` connections to every node for one
+``(role, keyspace)``: answers are only ever shared inside one role, and a client's
+``USE`` keyspace is a property of the connection its requests travel on.
+
+Health: a node that refuses a connection is marked unreachable and probed again with
+exponential back-off (an OPTIONS round trip, which needs no login); while it backs off
+no request waits for it. An established connection that dies fails its requests at
+once (see `UpstreamConnection`) and triggers an immediate probe of its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from coalesce.cql import (
+    Error,
+    Frame,
+    Opcode,
+    Query,
+    QueryParameters,
+    Register,
+    ResultRows,
+    decode_result,
+)
+from coalesce.sidecar.config import SidecarConfig
+from coalesce.sidecar.errors import (
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
+from coalesce.sidecar.topology import Ring
+from coalesce.sidecar.upstream import UpstreamConnection
+
+__all__ = ["Node", "Pool", "Upstream", "plain_username"]
+
+_LOCAL_TOKENS: Final = Query(
+    "SELECT tokens, data_center, rack FROM system.local WHERE key='local'",
+    QueryParameters(0x0001),
+).encode()
+_REGISTER_SCHEMA: Final = Register(["SCHEMA_CHANGE"]).encode()
+_OPTIONS_BODY: Final = b""
+
+
+def plain_username(token: bytes | None) -> str | None:
+    """The user name of a SASL PLAIN token (``authzid\\0user\\0password``), or None."""
+    if token is None:
+        return None
+    parts = token.split(b"\x00")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    try:
+        return parts[1].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Node:
+    """One upstream node: its address, reachability and back-off state.
+
+    `reachable` is None until the first attempt. After a failure, no new connection is
+    attempted before `retry_at` (loop time); the delay doubles per consecutive
+    failure, from ``reconnect_delay`` up to ``reconnect_max_delay``.
+    """
+
+    __slots__ = (
+        "connections", "data_center", "failures", "host", "last_error", "name", "port",
+        "rack", "reachable", "retry_at", "tokens_known",
+    )
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.reachable: bool | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self.tokens_known = False
+        self.data_center: str | None = None
+        self.rack: str | None = None
+        self.connections = 0
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name} reachable={self.reachable}>"
+
+    def may_connect(self, now: float) -> bool:
+        return self.reachable is not False or now >= self.retry_at
+
+
+class Upstream:
+    """Every upstream node, the token ring, role credentials, and the pools.
+
+    Credentials: a role's SASL PLAIN token is kept in memory only (never logged), from
+    the client login that Scylla accepted last, to open more connections for that
+    role. Single event loop; `close` fails everything outstanding.
+    """
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        on_event: Callable[[Frame], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.nodes = [Node(host, port) for host, port in config.upstream]
+        self.ring = Ring()
+        self.auth_required: bool | None = None
+        self.on_event = on_event  # receives SCHEMA_CHANGE events from one connection
+        self._tokens: dict[str, bytes | None] = {}
+        self._pools: dict[tuple[str, str | None], Pool] = {}
+        self._ssl = _upstream_ssl(config)
+        self._round_robin = itertools.count()
+        self._reconnecting: dict[Node, asyncio.Task[None]] = {}
+        self._fetching_tokens: set[Node] = set()
+        self._event_connection: UpstreamConnection | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reachable = asyncio.Event()
+        self._closed = False
+        self.errors = 0  # upstream failures seen, for the metrics
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Probe every node once, concurrently. Never fails: nodes may come up later."""
+        await asyncio.gather(*(self._probe(node) for node in self.nodes))
+        for node in self.nodes:
+            if not node.reachable:
+                self._schedule_reconnect(node)
+
+    async def close(self) -> None:
+        """Close every connection and stop probing; outstanding requests fail."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for pool in self._pools.values():
+            pool.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- what the rest of the sidecar asks ---------------------------------------------
+
+    def pool(self, role: str, keyspace: str | None) -> Pool:
+        """The pool of `role` connections using `keyspace` (created on first use)."""
+        key = (role, keyspace)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(self, role, keyspace)
+        return pool
+
+    def node_for_token(self, token: int) -> Node | None:
+        owner = self.ring.owner(token)
+        return owner if isinstance(owner, Node) else None
+
+    @property
+    def any_reachable(self) -> bool:
+        return any(node.reachable for node in self.nodes)
+
+    async def wait_reachable(self) -> None:
+        """Return once some node has answered a probe or a connection."""
+        await self._reachable.wait()
+
+    def health(self) -> dict[str, Any]:
+        """Reachability per node, for ``/healthz``."""
+        return {
+            "reachable": self.any_reachable,
+            "nodes": {
+                node.name: {
+                    "reachable": bool(node.reachable),
+                    "connections": node.connections,
+                    **({"error": node.last_error} if node.last_error and not node.reachable
+                       else {}),
+                }
+                for node in self.nodes
+            },
+        }
+
+    def connections_by_node(self) -> dict[str, int]:
+        return {node.name: node.connections for node in self.nodes}
+
+    async def open_login(self) -> tuple[UpstreamConnection, Frame]:
+        """A fresh connection to some reachable node, after STARTUP, and its reply.
+
+        For relaying a client's login: the caller owns the connection and either
+        gives it back with `adopt` or closes it. Raises `UpstreamUnavailable`.
+        """
+        errors: list[str] = []
+        for node in self._candidates():
+            try:
+                conn = await self._connect_transport(node)
+            except UpstreamUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            try:
+                reply = await conn.startup(self.config.request_timeout)
+            except BaseException:
+                conn.close()
+                raise
+            return conn, reply
+        raise UpstreamUnavailable(_no_node_message(errors))
+
+    def adopt(self, conn: UpstreamConnection, role: str, token: bytes | None) -> None:
+        """Take a logged-in connection into `role`'s pool; remember the role's token."""
+        self._tokens[role] = token
+        self.pool(role, None).add(conn)
+
+    # -- opening connections -----------------------------------------------------------
+
+    def _candidates(self) -> list[Node]:
+        now = asyncio.get_running_loop().time()
+        nodes = [node for node in self.nodes if node.may_connect(now)]
+        if nodes:
+            start = next(self._round_robin) % len(nodes)
+            nodes = nodes[start:] + nodes[:start]
+        return nodes
+
+    async def _connect_transport(self, node: Node) -> UpstreamConnection:
+        config = self.config
+        try:
+            conn = await UpstreamConnection.connect(
+                node.host, node.port, node=node.name, timeout=config.connect_timeout,
+                ssl_context=self._ssl, server_hostname=node.host,
+                max_frame_size=max(config.max_frame_size, 256 * 1024 * 1024),
+                request_timeout=config.request_timeout,
+            )
+        except UpstreamUnavailable as exc:
+            self._node_failed(node, str(exc))
+            raise
+        self._node_ok(node)
+        return conn
+
+    async def connect(self, node: Node, role: str, keyspace: str | None) -> UpstreamConnection:
+        """A new connection to `node`, logged in as `role`, using `keyspace`.
+
+        Raises `UpstreamUnavailable` if the node cannot be reached and
+        `UpstreamRefused` if Scylla rejects the login or the keyspace.
+        """
+        if role not in self._tokens and self.auth_required:
+            raise UpstreamRefused(
+                f"no credentials for role {role!r}",
+                _error_body(0x0100, "the sidecar holds no credentials for this role"),
+            )
+        conn = await self._connect_transport(node)
+        try:
+            await conn.login(self._tokens.get(role), self.config.request_timeout)
+            if keyspace is not None:
+                await conn.use(keyspace, self.config.request_timeout)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamRefused):
+                self._node_failed(node, str(exc))
+            raise
+        conn.role = role
+        return conn
+
+    def _attached(self, node: Node, conn: UpstreamConnection) -> None:
+        """A connection joined a pool: count it, maybe learn tokens, maybe get events."""
+        node.connections += 1
+        if not node.tokens_known and node not in self._fetching_tokens:
+            self._fetching_tokens.add(node)
+            self._spawn(self._fetch_tokens(node, conn))
+        if self._event_connection is None and self.on_event is not None:
+            self._listen_for_events(conn)
+
+    def _detached(self, node: Node, conn: UpstreamConnection, unexpected: bool) -> None:
+        node.connections -= 1
+        if conn is self._event_connection:
+            self._event_connection = None
+            for pool in self._pools.values():
+                other = pool.any_connection()
+                if other is not None:
+                    self._listen_for_events(other)
+                    break
+        if unexpected and not self._closed:
+            # A lost connection makes the node's state unknown until a probe says more:
+            # requests may still try it, but nobody waiting for reachability is told
+            # it is up on the strength of the connection that just died.
+            self.errors += 1
+            node.tokens_known = False
+            node.reachable = None
+            if not self.any_reachable:
+                self._reachable.clear()
+            self._schedule_reconnect(node, at_once=True)
+
+    def _listen_for_events(self, conn: UpstreamConnection) -> None:
+        self._event_connection = conn
+        conn.on_event = self.on_event
+        conn.send(Opcode.REGISTER, _REGISTER_SCHEMA, 0, _ignore)
+
+    async def _fetch_tokens(self, node: Node, conn: UpstreamConnection) -> None:
+        try:
+            reply = await conn.request(
+                Opcode.QUERY, _LOCAL_TOKENS, timeout=self.config.request_timeout
+            )
+            if reply.opcode != Opcode.RESULT:
+                return
+            result = decode_result(reply.body)
+            if not isinstance(result, ResultRows) or not result.rows:
+                return
+            row = dict(zip((c.name for c in result.metadata.columns), result.rows[0],
+                           strict=True))
+            types = {c.name: c.type for c in result.metadata.columns}
+            raw_tokens = row.get("tokens")
+            tokens: Iterable[str] = (
+                types["tokens"].deserialize(raw_tokens) if raw_tokens is not None else ()
+            )
+            for name in ("data_center", "rack"):
+                cell = row.get(name)
+                if cell is not None:
+                    setattr(node, name, types[name].deserialize(cell))
+            self.ring.set_tokens(node, (int(t) for t in tokens))
+            node.tokens_known = True
+        except (UpstreamError, ValueError, KeyError):
+            pass  # learned on the next connection to this node
+        finally:
+            self._fetching_tokens.discard(node)
+
+    # -- health ----------------------------------------------------------------------
+
+    def _node_ok(self, node: Node) -> None:
+        node.reachable = True
+        node.failures = 0
+        node.last_error = None
+        self._reachable.set()
+
+    def _node_failed(self, node: Node, error: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.errors += 1
+        node.reachable = False
+        node.last_error = error
+        node.failures += 1
+        delay = min(
+            self.config.reconnect_max_delay,
+            self.config.reconnect_delay * 2 ** min(node.failures - 1, 30),
+        )
+        node.retry_at = loop.time() + delay
+        if not self.any_reachable:
+            self._reachable.clear()
+        self._schedule_reconnect(node)
+
+    async def _probe(self, node: Node) -> bool:
+        try:
+            conn = await self._connect_transport(node)
+        except UpstreamUnavailable:
+            return False
+        try:
+            reply = await conn.request(
+                Opcode.OPTIONS, _OPTIONS_BODY, timeout=self.config.connect_timeout
+            )
+        except UpstreamError as exc:
+            self._node_failed(node, str(exc))
+            return False
+        finally:
+            conn.close()
+        if reply.opcode != Opcode.SUPPORTED:
+            self._node_failed(node, f"OPTIONS answered with opcode 0x{reply.opcode:02x}")
+            return False
+        return True
+
+    def _schedule_reconnect(self, node: Node, *, at_once: bool = False) -> None:
+        if self._closed or node in self._reconnecting:
+            return
+        self._reconnecting[node] = self._spawn(self._reconnect(node, at_once))
+
+    async def _reconnect(self, node: Node, at_once: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                if not at_once:
+                    # Back-off between attempts (production pacing, not synchronisation).
+                    await asyncio.sleep(max(0.0, node.retry_at - loop.time()))
+                at_once = False
+                if await self._probe(node):
+                    break
+        finally:
+            self._reconnecting.pop(node, None)
+        for pool in list(self._pools.values()):
+            pool.refill(node)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+class Pool:
+    """Connections of one ``(role, keyspace)`` to every node, opened on demand.
+
+    `pick` never waits: it returns an open connection (to `node` when it has one,
+    otherwise round-robin over the others) or None, and starts opening connections up
+    to the configured count in the background. `acquire` waits for the first one when
+    there is none yet. Connections that close leave the pool by themselves.
+    """
+
+    def __init__(self, upstream: Upstream, role: str, keyspace: str | None) -> None:
+        self.upstream = upstream
+        self.role = role
+        self.keyspace = keyspace
+        self.target = upstream.config.connections_per_node
+        self._by_node: dict[Node, list[UpstreamConnection]] = {n: [] for n in upstream.nodes}
+        self._live: list[UpstreamConnection] = []
+        self._opening: dict[Node, asyncio.Task[UpstreamConnection]] = {}
+        self._short = set(upstream.nodes)  # nodes below `target` connections
+        self._turn = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Pool role={self.role!r} keyspace={self.keyspace!r} live={len(self._live)}>"
+
+    def pick(self, node: Node | None = None) -> UpstreamConnection | None:
+        """An open connection, preferring `node`; None if there is none right now."""
+        if self._short:
+            for short in list(self._short):
+                self._open(short)
+        if node is not None:
+            conns = self._by_node.get(node)
+            if conns:
+                if len(conns) == 1:
+                    return conns[0]
+                return min(conns, key=_in_flight)
+        live = self._live
+        if not live:
+            return None
+        self._turn += 1
+        return live[self._turn % len(live)]
+
+    def any_connection(self) -> UpstreamConnection | None:
+        return self._live[0] if self._live else None
+
+    async def acquire(self, node: Node | None = None) -> UpstreamConnection:
+        """An open connection, waiting for one to open if needed.
+
+        Raises `UpstreamUnavailable` when no node can be reached (or all are backing
+        off) and `UpstreamRefused` when Scylla rejects this role or keyspace.
+        """
+        error: UpstreamError | None = None
+        while True:
+            conn = self.pick(node)
+            if conn is not None:
+                return conn
+            waiting = [self._opening[n] for n in ([node] if node in self._opening else [])]
+            waiting = waiting or list(self._opening.values())
+            if not waiting:
+                if error is not None:
+                    raise error
+                raise UpstreamUnavailable(_no_node_message(
+                    [n.last_error for n in self.upstream.nodes if n.last_error]
+                ))
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.cancelled():
+                    continue  # the pool is closing; the loop ends with no opener left
+                exc = task.exception()
+                if isinstance(exc, UpstreamRefused):
+                    raise exc
+                if isinstance(exc, UpstreamError):
+                    error = exc
+            node = None  # the preferred node failed: any node will do
+
+    def add(self, conn: UpstreamConnection) -> None:
+        """Take an already logged-in connection (closing it if the pool is full)."""
+        node = self._node_named(conn.node)
+        if node is None or self._closed or len(self._by_node[node]) >= self.target:
+            conn.close()
+            return
+        self._attach(node, conn)
+
+    def refill(self, node: Node) -> None:
+        """Open connections to `node` again (it came back)."""
+        if len(self._by_node.get(node, ())) < self.target:
+            self._short.add(node)
+            self._open(node)
+
+    def close(self) -> None:
+        self._closed = True
+        for task in self._opening.values():
+            task.cancel()
+        for conn in list(self._live):
+            conn.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _node_named(self, name: str) -> Node | None:
+        for node in self._by_node:
+            if node.name == name:
+                return node
+        return None
+
+    def _open(self, node: Node) -> None:
+        if node in self._opening or self._closed or self.upstream._closed:
+            return
+        if len(self._by_node[node]) >= self.target:
+            self._short.discard(node)
+            return
+        if not node.may_connect(asyncio.get_running_loop().time()):
+            return
+        task = self.upstream._spawn(self.upstream.connect(node, self.role, self.keyspace))
+        self._opening[node] = task
+        task.add_done_callback(lambda t: self._opened(node, t))
+
+    def _opened(self, node: Node, task: asyncio.Task[UpstreamConnection]) -> None:
+        self._opening.pop(node, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            return  # the node is backing off; `acquire` callers saw the error
+        conn = task.result()
+        if self._closed:
+            conn.close()
+            return
+        self._attach(node, conn)
+        if len(self._by_node[node]) < self.target:
+            self._open(node)
+
+    def _attach(self, node: Node, conn: UpstreamConnection) -> None:
+        conns = self._by_node[node]
+        conns.append(conn)
+        self._live.append(conn)
+        if len(conns) >= self.target:
+            self._short.discard(node)
+        conn.on_close = lambda c: self._detach(node, c)
+        self.upstream._attached(node, conn)
+
+    def _detach(self, node: Node, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self._by_node[node].remove(conn)
+        with contextlib.suppress(ValueError):
+            self._live.remove(conn)
+        if not self._closed:
+            self._short.add(node)
+        self.upstream._detached(node, conn, unexpected=not self._closed)
+
+
+def _in_flight(conn: UpstreamConnection) -> int:
+    return conn.in_flight
+
+
+def _ignore(outcome: object) -> None:
+    return None
+
+
+def _error_body(code: int, message: str) -> bytes:
+    return Error(code, message).encode()
+
+
+def _no_node_message(errors: list[str]) -> str:
+    detail = f" (last error: {errors[-1]})" if errors else ""
+    return f"no upstream node reachable{detail}"
+
+
+def _upstream_ssl(config: SidecarConfig) -> ssl.SSLContext | None:
+    if not config.upstream_tls:
+        return None
+    context = ssl.create_default_context(
+        cafile=str(config.upstream_ca) if config.upstream_ca is not None else None
+    )
+    if not config.upstream_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

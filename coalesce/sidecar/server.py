@@ -1,0 +1,196 @@
+"""`Sidecar`: the proxy as one object -- listener, upstream pools, metrics endpoint.
+
+Use it as an async context manager (``async with Sidecar(config) as sidecar``) in
+tests and when embedding; `coalesce sidecar` (see `coalesce.sidecar.command`) runs one
+until SIGTERM. Everything runs on the event loop that called `start`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from coalesce.flight import SingleFlight
+from coalesce.sidecar.client import ClientConnection
+from coalesce.sidecar.config import SidecarConfig
+from coalesce.sidecar.errors import ConfigError
+from coalesce.sidecar.metrics_http import serve_metrics
+from coalesce.sidecar.pool import Upstream
+from coalesce.sidecar.proxy import Answer, Proxy
+from coalesce.sidecar.stats import SidecarStats, register_stats
+from coalesce.sidecar.topology import Identity
+
+__all__ = ["Sidecar"]
+
+
+class Sidecar:
+    """A running CQL sidecar in front of the configured Scylla nodes.
+
+    `start` probes the upstream nodes (it does not fail if none answers: the sidecar
+    reconnects with back-off and serves once they do), then listens. `drain` stops
+    accepting connections, lets every request already received get its answer (up to
+    ``drain_timeout``), then stops. `stop` closes everything at once: requests in
+    flight get no answer. Each sidecar has its own Prometheus `registry`.
+    """
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self._upstream: Upstream | None = None
+        self._proxy: Proxy | None = None
+        self._server: asyncio.Server | None = None
+        self._metrics: asyncio.Server | None = None
+        self._clients: set[ClientConnection] = set()
+        self.host = config.listen[0]
+        self.port = config.listen[1]
+        self.metrics_port: int | None = None
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- what tests and operators look at --------------------------------------------------
+
+    @property
+    def group(self) -> SingleFlight[Answer]:
+        """The single-flight group of merged reads (empty when nothing is in flight)."""
+        return self._require_proxy().group
+
+    @property
+    def stats(self) -> SidecarStats:
+        return self._require_proxy().stats
+
+    @property
+    def upstream(self) -> Upstream:
+        assert self._upstream is not None, "the sidecar is not started"
+        return self._upstream
+
+    @property
+    def in_flight(self) -> int:
+        """Client requests received and not yet answered."""
+        return self._require_proxy().in_flight
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` reports: upstream reachability per node."""
+        return self.upstream.health()
+
+    async def wait_upstream_reachable(self) -> None:
+        """Return once some upstream node answers (at once if one already does)."""
+        await self.upstream.wait_reachable()
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Probe upstream, then listen (and serve metrics). Raises `ConfigError`/`OSError`."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        client_tls = _client_ssl(config)
+        upstream = Upstream(config)
+        proxy = Proxy(config, upstream, Identity("127.0.0.1", 0), registry=self.registry)
+        upstream.on_event = proxy.on_upstream_event
+        self._upstream, self._proxy = upstream, proxy
+        register_stats(
+            proxy.stats, self.registry,
+            upstream_connections=upstream.connections_by_node,
+            upstream_errors=lambda: upstream.errors,
+        )
+        await upstream.start()
+        self._server = await loop.create_server(
+            lambda: self._accept(proxy), config.listen[0], config.listen[1], ssl=client_tls
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        proxy.identity = Identity(
+            await _ip_literal(config.advertised_address), self.port,
+            config.data_center, config.rack,
+        )
+        if config.metrics is not None:
+            self._metrics = await serve_metrics(
+                config.metrics[0], config.metrics[1], self.registry, self.health
+            )
+            self.metrics_port = self._metrics.sockets[0].getsockname()[1]
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting, wait for answers to requests already received, then stop.
+
+        Returns False if `timeout` (default ``drain_timeout``) ran out first; the
+        sidecar is stopped either way.
+        """
+        if self._server is not None:
+            self._server.close()
+        finished = True
+        if self._proxy is not None:
+            try:
+                async with asyncio.timeout(timeout or self.config.drain_timeout):
+                    await self._proxy.wait_idle()
+            except TimeoutError:
+                finished = False
+        await self.stop()
+        return finished
+
+    async def stop(self) -> None:
+        """Close the listener, every client and upstream connection, and the endpoint."""
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._clients):
+            client.close()
+        if self._upstream is not None:
+            await self._upstream.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            await self._metrics.wait_closed()
+            self._metrics = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def _accept(self, proxy: Proxy) -> ClientConnection:
+        client = ClientConnection(proxy, self._clients.discard)
+        self._clients.add(client)
+        return client
+
+    def _require_proxy(self) -> Proxy:
+        assert self._proxy is not None, "the sidecar is not started"
+        return self._proxy
+
+
+def _client_ssl(config: SidecarConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert/tls_key: cannot load: {exc}") from None
+    return context
+
+
+async def _ip_literal(address: str) -> str:
+    """`address` as an IP literal (``system.local`` columns are of type inet)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"advertise: cannot resolve {address!r}: {exc}") from None
+    return str(infos[0][4][0])
