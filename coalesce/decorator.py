@@ -82,14 +82,14 @@ def coalesced(
                 metrics=metrics,
                 registry=registry,
             )
-        do = flights.do
+        call = flights.call
         call_key = CallKey(func)
 
         if key is None:
 
             @functools.wraps(func)
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                result: R = await do(call_key(args, kwargs), func, *args, timeout=timeout, **kwargs)
+                result: R = await call(call_key(args, kwargs), func, args, kwargs, timeout=timeout)
                 return result
 
         else:
@@ -98,7 +98,7 @@ def coalesced(
             @functools.wraps(func)
             async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 k = key_fn(*args, **kwargs)
-                result: R = await do(k, func, *args, timeout=timeout, **kwargs)
+                result: R = await call(k, func, args, kwargs, timeout=timeout)
                 return result
 
         wrapped = cast(Coalesced[P, R], wrapper)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CoalesceError", "LoopMismatchError", "NoNodesError", "Overloaded"]
+__all__ = [
+    "CoalesceError",
+    "LoopMismatchError",
+    "NoNodesError",
+    "Overloaded",
+    "ReentrantCallError",
+]
 
 
 class CoalesceError(Exception):
@@ -25,3 +31,7 @@ class LoopMismatchError(CoalesceError, RuntimeError):
 
 class NoNodesError(CoalesceError, LookupError):
     """A key was routed on a `Router` that has no nodes."""
+
+
+class ReentrantCallError(CoalesceError, RuntimeError):
+    """A call awaited its own key from inside itself, and would have waited forever."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import threading
 import time
 import types
 from asyncio import AbstractEventLoop, CancelledError, Future, Task
@@ -23,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from coalesce.errors import LoopMismatchError, Overloaded
+from coalesce.errors import LoopMismatchError, Overloaded, ReentrantCallError
 from coalesce.metrics import FlightStats, register
 
 __all__ = ["SingleFlight"]
@@ -36,7 +38,7 @@ class _Flight:
     """One upstream call and the callers waiting for it."""
 
     __slots__ = (
-        "args", "done", "exception", "fn", "key", "kwargs", "linger", "result",
+        "args", "context", "done", "exception", "fn", "key", "kwargs", "linger", "result",
         "started_at", "task", "waiters", "waiting",
     )
 
@@ -44,58 +46,111 @@ class _Flight:
         self.key = key
         self.waiters: list[Future[Any]] = []
         self.waiting = 0  # callers still waiting (cancelled ones leave their future behind)
-        self.task: Task[None] | None = None  # None while queued behind max_inflight
+        self.task: Task[Any] | None = None  # None while queued behind max_inflight
         self.done = False
         self.result: Any = None
         self.exception: BaseException | None = None
         self.linger: asyncio.TimerHandle | None = None
         self.started_at = 0.0
-        self.fn: Callable[..., Awaitable[Any]] | None = None
+        self.fn: Callable[..., Awaitable[Any]] | None = None  # set while queued
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
+        self.context: contextvars.Context | None = None
 
 
 _Job = tuple["SingleFlight[Any]", _Flight, Coroutine[Any, Any, Any], contextvars.Context, Any]
 
+_IDLE_OWNERS = 8  # owner tasks kept parked per loop for reuse, beyond the standby
+
 
 class _Runner:
-    """A parked task per event loop, ready to become the owner of the next flight.
+    """Parked tasks of one event loop, each ready to become the owner of a call.
 
-    The first step of a call runs with this task as `current_task()`. If the call
-    suspends, this task carries it on (see `_resume`) and a fresh one is parked.
+    The first step of a call runs with the standby as `current_task()`. If the call
+    suspends, the standby carries it on (see `_resume`) and another parked task takes
+    its place: an owner whose call ended cleanly parks again for reuse, so a steady
+    stream of calls creates no task per call. Parked tasks run in an empty context
+    (each call runs in its own) and are not reported as destroyed when a loop is
+    closed by hand.
     """
 
-    __slots__ = ("busy", "job", "loop", "standby")
+    __slots__ = ("busy", "idle", "job", "loop", "standby")
 
     def __init__(self, loop: AbstractEventLoop) -> None:
         self.loop = loop
         self.busy = False
+        self.idle: list[tuple[Task[Any], Future[_Job]]] = []
         self._park()
 
     def _park(self) -> None:
-        self.job: Future[_Job] = self.loop.create_future()
-        self.standby = self.loop.create_task(_owner(self.job), name="coalesce-flight")
+        self.job: Future[_Job]
+        while self.idle:
+            task, job = self.idle.pop()
+            if not job.done() and not task.cancelling():
+                self.standby, self.job = task, job
+                return
+        self.job = self.loop.create_future()
+        self.standby = self.loop.create_task(
+            _owner(self, self.job), name="coalesce-flight", context=contextvars.Context()
+        )
+        self.standby._log_destroy_pending = False  # type: ignore[attr-defined]
+
+    def ready(self) -> Task[Any]:
+        """The standby, replaced first if someone cancelled it while it was parked."""
+        if self.job.done() or self.standby.cancelling():
+            self._park()
+        return self.standby
 
     def hand_off(self, job: _Job) -> None:
-        job[1].task = self.standby
-        self.job.set_result(job)
+        owner, parked = self.standby, self.job
         self._park()
+        group, flight, coro, context, pending = job
+        if not parked.done() and not owner.cancelling():
+            flight.task = owner
+            parked.set_result(job)
+            return
+        # The call's first step cancelled its own task (the standby), as a task may.
+        # Deliver that cancellation as a task would, from a task of its own.
+        thrown = None if isinstance(pending, Future) and pending.cancel() else CancelledError()
+        flight.task = self.loop.create_task(
+            group._run(flight, _resume(coro, context, pending, thrown)),
+            name="coalesce-flight",
+            context=contextvars.Context(),
+        )
+
+    def retire_or_reuse(self, task: Task[Any]) -> Future[_Job] | None:
+        if task.cancelling() or len(self.idle) >= _IDLE_OWNERS or self.loop.is_closed():
+            return None
+        job: Future[_Job] = self.loop.create_future()
+        self.idle.append((task, job))
+        return job
 
 
-async def _owner(job: Future[_Job]) -> None:
-    thrown: BaseException | None = None
-    try:
-        group, flight, coro, context, pending = await job
-    except CancelledError as exc:
-        if not job.done() or job.cancelled():
-            return  # the loop is shutting down; this runner never got a call
-        # Cancelled between the hand-off and its first step: cancel the call as a
-        # task would, by cancelling what it awaits and throwing into it.
-        group, flight, coro, context, pending = job.result()
-        if isinstance(pending, Future):
-            pending.cancel()
-        thrown = exc
-    await group._run(flight, _resume(coro, context, pending, thrown))
+async def _owner(runner: _Runner, job: Future[_Job]) -> None:
+    this = asyncio.current_task()
+    assert this is not None
+    while True:
+        thrown: BaseException | None = None
+        try:
+            group, flight, coro, context, pending = await job
+        except CancelledError as exc:
+            if not job.done() or job.cancelled():
+                return  # cancelled while parked: retire
+            # Cancelled between the hand-off and the first resumption. As a task
+            # would: cancel what the call awaits and let that cancellation reach it
+            # once it has finished cancelling, or throw it in if there is nothing.
+            group, flight, coro, context, pending = job.result()
+            if not (isinstance(pending, Future) and pending.cancel()):
+                thrown = exc
+        clean = await group._run(flight, _resume(coro, context, pending, thrown))
+        # Keep nothing of this call alive while parked: not its arguments, not its result.
+        del group, flight, coro, context, pending, thrown
+        if not clean:
+            return
+        next_job = runner.retire_or_reuse(this)
+        if next_job is None:
+            return
+        job = next_job
 
 
 @types.coroutine
@@ -132,15 +187,17 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
 
 
 _runners: dict[AbstractEventLoop, _Runner] = {}
+_runners_lock = threading.Lock()  # loops in several threads may bind at once
 
 
 def _runner_for(loop: AbstractEventLoop) -> _Runner:
-    runner = _runners.get(loop)
-    if runner is None:
-        for stale in [other for other in _runners if other.is_closed()]:
-            del _runners[stale]
-        runner = _runners[loop] = _Runner(loop)
-    return runner
+    with _runners_lock:
+        runner = _runners.get(loop)
+        if runner is None:
+            for stale in [other for other in _runners if other.is_closed()]:
+                del _runners[stale]
+            runner = _runners[loop] = _Runner(loop)
+        return runner
 
 
 def _expire(fut: Future[Any]) -> None:
@@ -253,7 +310,7 @@ class SingleFlight(Generic[T]):
         for key in list(self._flights):
             self.forget(key)
 
-    async def do(
+    def do(
         self,
         key: Hashable,
         fn: Callable[..., Awaitable[T]],
@@ -261,15 +318,30 @@ class SingleFlight(Generic[T]):
         *args: Any,
         timeout: float | None = None,
         **kwargs: Any,
-    ) -> T:
+    ) -> Coroutine[Any, Any, T]:
         """Return the outcome of ``fn(*args, **kwargs)``, shared by key.
 
         If no call for `key` is in flight, this caller starts one; otherwise it joins
         the running one and never calls `fn`. See the class docstring for what
         cancellation, ``timeout`` (this caller's wait, in seconds) and the bounds do.
-        `fn` cannot receive a keyword argument named ``timeout`` this way: bind it with
-        `functools.partial`.
+        `fn` cannot receive a keyword argument named ``timeout`` this way: use `call`.
+        A call that awaits its own key from inside itself would wait for itself: it
+        gets `ReentrantCallError` instead.
         """
+        return self.call(key, fn, args, kwargs, timeout=timeout)
+
+    async def call(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> T:
+        """`do`, with the arguments of `fn` passed as a tuple and a dict."""
+        if kwargs is None:
+            kwargs = {}
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
@@ -281,14 +353,19 @@ class SingleFlight(Generic[T]):
             else:
                 runner = self._runner
                 assert runner is not None
-                call = fn(*args, **kwargs)
+                self._running += 1  # counted during the first step: nested calls see it
+                try:
+                    call = fn(*args, **kwargs)
+                except BaseException:
+                    self._running -= 1
+                    raise
                 if runner.busy or type(call) is not types.CoroutineType:
                     # Nested inside another first step, or not a coroutine: no inline step.
                     flight = self._start(key, call, loop)
                 else:
                     started = time.perf_counter()
                     context = contextvars.copy_context()
-                    owner = runner.standby
+                    owner = runner.ready()
                     caller = asyncio.current_task(loop)
                     runner.busy = True
                     if caller is not None:
@@ -297,13 +374,17 @@ class SingleFlight(Generic[T]):
                     try:
                         pending = context.run(call.send, None)
                     except StopIteration as stop:
+                        self._running -= 1
                         if stats is not None:
                             stats.started += 1
                             stats.upstream_ok += 1
                             stats.waiters.observe(1)
                             stats.latency.observe(time.perf_counter() - started)
+                        if self.linger and key not in self._flights:
+                            self._linger(key, stop.value)
                         return stop.value  # type: ignore[no-any-return]
                     except BaseException:
+                        self._running -= 1
                         if stats is not None:
                             stats.started += 1
                             stats.upstream_error += 1
@@ -315,9 +396,11 @@ class SingleFlight(Generic[T]):
                         if caller is not None:
                             _enter_task(loop, caller)
                         runner.busy = False
-                    flight = self._flights[key] = _Flight(key)
+                    flight = _Flight(key)
                     flight.started_at = started
-                    self._running += 1
+                    # A call nested in the first step may have taken the key meanwhile:
+                    # then this one runs detached, for its first caller alone.
+                    self._flights.setdefault(key, flight)
                     runner.hand_off((self, flight, call, context, pending))
             if stats is not None:
                 stats.started += 1
@@ -329,8 +412,13 @@ class SingleFlight(Generic[T]):
             if stats is not None:
                 stats.shed += 1
             raise Overloaded(f"{self.name}: {flight.waiting} callers already wait for {key!r}")
-        elif stats is not None:
-            stats.joined += 1
+        else:
+            if flight.task is not None and flight.task is asyncio.current_task(loop):
+                raise ReentrantCallError(
+                    f"{self.name}: the call for {key!r} awaited its own key from inside itself"
+                )
+            if stats is not None:
+                stats.joined += 1
 
         waiter: Future[T] = loop.create_future()
         flight.waiters.append(waiter)
@@ -338,8 +426,10 @@ class SingleFlight(Generic[T]):
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         try:
             return await waiter
+        except GeneratorExit:
+            raise  # closed by the garbage collector: its loop is gone
         except BaseException as exc:
-            if not flight.done:
+            if exc is not flight.exception:
                 self._leave(flight, timed_out=isinstance(exc, TimeoutError))
             raise
         finally:
@@ -359,13 +449,31 @@ class SingleFlight(Generic[T]):
         self._runner = _runner_for(loop)
 
     def _start(self, key: Hashable, call: Awaitable[Any], loop: AbstractEventLoop) -> _Flight:
-        flight = self._flights[key] = _Flight(key)
+        """Run `call` in a task of its own (`_running` already counts it)."""
+        flight = _Flight(key)
+        self._flights.setdefault(key, flight)
         flight.started_at = time.perf_counter()
-        self._running += 1
+        self._launch(flight, call, loop, None)
+        return flight
+
+    def _launch(
+        self,
+        flight: _Flight,
+        call: Awaitable[Any],
+        loop: AbstractEventLoop,
+        context: contextvars.Context | None,
+    ) -> None:
         if not isinstance(call, Coroutine):
             call = _awaited(call)
-        flight.task = loop.create_task(self._run(flight, call), name="coalesce-flight")
-        return flight
+        task = loop.create_task(self._run(flight, call), name="coalesce-flight", context=context)
+        # A task cancelled before its first step never runs `_run`: end the flight here.
+        task.add_done_callback(functools.partial(self._launched_done, flight, call))
+        flight.task = task
+
+    def _launched_done(self, flight: _Flight, call: Coroutine[Any, Any, Any], _: Any) -> None:
+        if not flight.done:
+            call.close()
+            self._finish(flight, None, CancelledError())
 
     def _enqueue(
         self,
@@ -382,46 +490,57 @@ class SingleFlight(Generic[T]):
             )
         flight = self._flights[key] = _Flight(key)
         flight.fn, flight.args, flight.kwargs = fn, args, kwargs
+        flight.context = contextvars.copy_context()  # the call runs as its first caller's
         self._queue.append(flight)
         return flight
 
     def _dequeue(self) -> None:
-        assert self._loop is not None
+        """Start queued keys while there is room (a loop, never a recursion)."""
+        loop = self._loop
+        assert loop is not None
         while self._queue and (self.max_inflight is None or self._running < self.max_inflight):
             flight = self._queue.popleft()
             if flight.waiting == 0:
                 continue  # every caller left while it was queued
-            fn, args, kwargs = flight.fn, flight.args, flight.kwargs
-            assert fn is not None
-            flight.fn, flight.args, flight.kwargs = None, (), {}
+            fn, args, kwargs, context = flight.fn, flight.args, flight.kwargs, flight.context
+            assert fn is not None and context is not None
+            flight.fn, flight.args, flight.kwargs, flight.context = None, (), {}, None
             flight.started_at = time.perf_counter()
             self._running += 1
             try:
-                call = fn(*args, **kwargs)
-            except BaseException as exc:
-                self._finish(flight, None, exc)
+                call = context.run(fn, *args, **kwargs)
+            except BaseException as exc:  # handed to the waiters
+                self._finish(flight, None, exc, dequeue=False)
                 continue
-            if not isinstance(call, Coroutine):
-                call = _awaited(call)
-            flight.task = self._loop.create_task(self._run(flight, call))
+            self._launch(flight, call, loop, context)
 
-    async def _run(self, flight: _Flight, call: Awaitable[Any]) -> None:
+    async def _run(self, flight: _Flight, call: Awaitable[Any]) -> bool:
+        """Await the call and end the flight; False if the owner should not be reused."""
         try:
             result = await call
-        except CancelledError as exc:
+        except GeneratorExit:
+            raise  # closed by the garbage collector after its loop closed: nobody waits
+        except (CancelledError, KeyboardInterrupt, SystemExit) as exc:
             self._finish(flight, None, exc)
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # handed to the waiters, who alone may care
             self._finish(flight, None, exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self._finish(flight, result, None)
+            return isinstance(exc, Exception)
+        self._finish(flight, result, None)
+        return True
 
-    def _finish(self, flight: _Flight, result: Any, exception: BaseException | None) -> None:
+    def _finish(
+        self,
+        flight: _Flight,
+        result: Any,
+        exception: BaseException | None,
+        *,
+        dequeue: bool = True,
+    ) -> None:
         """End a flight: free its slot, answer its waiters, maybe start queued keys."""
         flight.done = True
         flight.task = None
+        flight.exception = exception
         self._running -= 1
         stats = self._stats
         if stats is not None:
@@ -446,13 +565,19 @@ class SingleFlight(Generic[T]):
                 if not waiter.done():
                     waiter.set_exception(exception)
         if self._flights.get(flight.key) is flight:
-            if exception is None and self.linger > 0 and self._loop is not None:
-                flight.result = result
-                flight.linger = self._loop.call_later(self.linger, self._unlinger, flight)
-            else:
-                del self._flights[flight.key]
-        if self._queue:
+            del self._flights[flight.key]
+            if exception is None and self.linger:
+                self._linger(flight.key, result)
+        if dequeue and self._queue:
             self._dequeue()
+
+    def _linger(self, key: Hashable, result: Any) -> None:
+        """Serve `result` to callers of `key` for ``linger`` seconds."""
+        assert self._loop is not None
+        flight = self._flights[key] = _Flight(key)
+        flight.done = True
+        flight.result = result
+        flight.linger = self._loop.call_later(self.linger, self._unlinger, flight)
 
     def _unlinger(self, flight: _Flight) -> None:
         if self._flights.get(flight.key) is flight:
@@ -460,13 +585,18 @@ class SingleFlight(Generic[T]):
 
     def _leave(self, flight: _Flight, *, timed_out: bool) -> None:
         """A caller gave up waiting; the last one to go takes the call down with it."""
-        flight.waiting -= 1
         if self._stats is not None:
             if timed_out:
                 self._stats.timed_out += 1
             else:
                 self._stats.cancelled += 1
+        if flight.done:
+            return  # it left in the turn the flight ended: counted, nothing to undo
+        flight.waiting -= 1
         if flight.waiting:
+            waiters = flight.waiters
+            if len(waiters) > 2 * flight.waiting + 16:  # callers churn on a long flight
+                flight.waiters = [w for w in waiters if not w.done()]
             return
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]

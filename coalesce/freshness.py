@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -52,7 +53,12 @@ class FreshnessIndex:
         try:
             yield
         finally:
-            self._untrack(key, table, partition)
+            linger = self._group.linger
+            if linger:  # the result stays servable that long: keep it forgettable too
+                loop = asyncio.get_running_loop()
+                loop.call_later(linger, self._untrack, key, table, partition)
+            else:
+                self._untrack(key, table, partition)
 
     def _untrack(self, key: Hashable, table: Table, partition: Partition) -> None:
         partitions = self._tables[table]

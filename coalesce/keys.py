@@ -12,6 +12,18 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 _NO_DEFAULT = inspect.Parameter.empty
 
 
+class _Kwargs(tuple[tuple[str, Any], ...]):
+    """The frozen ``**kwargs`` of a call: never equal to a plain tuple argument."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Kwargs) and tuple.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return hash((_Kwargs, tuple(self)))
+
+
 class _Identity:
     """Hashes and compares an object by identity, holding it alive while keyed."""
 
@@ -34,12 +46,16 @@ class CallKey:
     """The default key of a call: its arguments bound to the signature, defaults applied.
 
     ``f(1)``, ``f(x=1)`` and ``f(1, limit=50)`` (where 50 is the default) give the same
-    key. A first parameter named ``self`` or ``cls`` is keyed by identity, so two
+    key. Keys are typed, as with ``functools.lru_cache(typed=True)``: ``f(1)``,
+    ``f(1.0)`` and ``f(True)`` are different calls, since they may well give different
+    answers. A first parameter named ``self`` or ``cls`` is keyed by identity, so two
     instances never share a call even if they compare equal. Arguments must be hashable:
     an unhashable one raises `TypeError` naming it; pass ``key=`` to say what matters.
     """
 
-    __slots__ = ("_by_identity", "_defaults", "_fast", "_names", "_qualname", "_signature")
+    __slots__ = (
+        "_by_identity", "_defaults", "_exact", "_fill", "_names", "_qualname", "_signature",
+    )
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self._signature = inspect.signature(fn)
@@ -47,32 +63,39 @@ class CallKey:
         self._qualname = getattr(fn, "__qualname__", repr(fn))
         self._names = tuple(p.name for p in params)
         self._defaults = tuple(p.default for p in params)
-        # Only plain positional-or-keyword parameters can take the fast path.
-        self._fast = all(p.kind in _POSITIONAL for p in params)
+        # Fast paths: an exact positional call of positional parameters, and filling
+        # in keywords and defaults when every parameter may be passed by keyword.
+        self._exact = all(p.kind in _POSITIONAL for p in params)
+        self._fill = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
         self._by_identity = bool(params) and params[0].name in ("self", "cls")
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         names = self._names
-        if self._fast and not kwargs and len(args) == len(names):
+        if self._exact and not kwargs and len(args) == len(names):
             values: tuple[Any, ...] = args
-        elif self._fast and len(args) <= len(names):
-            values = self._fill(args, kwargs)
+        elif self._fill and len(args) <= len(names):
+            values = self._filled(args, kwargs)
         else:
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             values = tuple(
-                tuple(sorted(v.items())) if isinstance(v, dict) else v
-                for v in bound.arguments.values()
+                _Kwargs(sorted(value.items())) if kind is inspect.Parameter.VAR_KEYWORD else value
+                for value, kind in zip(
+                    bound.arguments.values(),
+                    (self._signature.parameters[n].kind for n in bound.arguments),
+                    strict=True,
+                )
             )
         if self._by_identity and values:
             values = (_Identity(values[0]), *values[1:])
+        key = (values, tuple(map(type, values)))
         try:
-            hash(values)
+            hash(key)
         except TypeError:
             raise self._unhashable(values) from None
-        return values
+        return key
 
-    def _fill(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def _filled(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         names, defaults = self._names, self._defaults
         values = list(args)
         used = 0
