@@ -179,6 +179,14 @@ class ScyllaTarget:
         router: Router[str] = Router(names)
         chooser = random.Random(seed)
 
+        if instances == 1:
+            only = sessions[names[0]]
+
+            async def read_one(key: int) -> object:
+                return await only.execute(prepared, params(key))
+
+            return read_one
+
         async def read(key: int) -> object:
             if routing == "hash":
                 name = router.node_for(key)

@@ -68,37 +68,37 @@ class AcsyllaDriver:
             keyspace = info.keyspace or self.keyspace
             identity = ("text", statement)
         else:  # a raw acsylla statement, batch or prepared statement: opaque, never shared
-            return Call(None, StatementInfo("other"), None, None, self._runner(statement, None, {}))
+            return Call(None, StatementInfo("other"), None, statement, None, {})
 
         if info.kind == "use" and info.keyspace is not None:
             self.keyspace = info.keyspace
         table = (keyspace, info.table) if info.table is not None else None
-        run = self._runner(statement, parameters, options)
         if not info.coalescable:
-            return Call(None, info, table, None, run)
+            return Call(None, info, table, statement, parameters, options)
         values = _freeze(parameters) if parameters is not None else None
         key = (self.scope, keyspace, identity, values, *(options.get(k) for k in _KEYED))
-        return Call(key, info, table, None, run)
+        return Call(key, info, table, statement, parameters, options)
 
-    def _runner(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Any:
-        session = self.session
-        kwargs = {("page_state" if k == "paging_state" else k): v for k, v in options.items()
-                  if v is not None and k != "timeout"}
+    def partition(self, call: Call) -> bytes | None:
+        return None  # acsylla does not expose a prepared statement's partition key
 
-        async def run(timeout: float | None) -> Rows:
-            if timeout is not None:
-                kwargs["timeout"] = timeout
-            if isinstance(statement, Prepared):
-                kwargs.pop("native_types", None)
-                stmt = statement.statement.bind(_values(parameters), **kwargs)
-            elif isinstance(statement, str):
-                stmt = acsylla.create_statement(statement, _values(parameters), **kwargs)
-            else:
-                stmt = statement
-            result = await session.execute(stmt)
-            return _rows(result)
-
-        return run
+    async def run(self, call: Call, timeout: float | None) -> Rows:
+        statement, parameters = call.statement, call.parameters
+        kwargs = {
+            ("page_state" if k == "paging_state" else k): v
+            for k, v in call.options.items()
+            if v is not None and k != "timeout"
+        }
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        if isinstance(statement, Prepared):
+            kwargs.pop("native_types", None)
+            stmt = statement.statement.bind(_values(parameters), **kwargs)
+        elif isinstance(statement, str):
+            stmt = acsylla.create_statement(statement, _values(parameters), **kwargs)
+        else:
+            stmt = statement
+        return _rows(await self.session.execute(stmt))
 
 
 def _values(parameters: Any) -> Any:

@@ -56,7 +56,7 @@ def _hop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
 
 
 class CassandraDriver:
-    """Makes `Call`s of statements for a `cassandra.cluster.Session`."""
+    """Makes `Call`s of statements for a `cassandra.cluster.Session`, and runs them."""
 
     def __init__(self, session: Session, scope: Hashable | None) -> None:
         self.session = session
@@ -68,58 +68,96 @@ class CassandraDriver:
 
     def call(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Call:
         session = self.session
-        if isinstance(statement, PreparedStatement):
-            statement = statement.bind(parameters if parameters is not None else ())
-            parameters = None
         if isinstance(statement, BatchStatement):
-            return Call(None, _BATCH, None, None, self._runner(statement, parameters, options))
-
-        if isinstance(statement, BoundStatement):
-            prepared = statement.prepared_statement
-            info = classify(prepared.query_string)
-            keyspace = info.keyspace or prepared.keyspace or session.keyspace
-            partition = statement.routing_key if prepared.routing_key_indexes else None
-            identity: Hashable = ("id", prepared.query_id, tuple(statement.values))
+            return Call(None, _BATCH, None, statement, parameters, options)
+        stmt: Statement | None
+        if isinstance(statement, PreparedStatement):
+            # Keyed on the values as given (typed, so that 1 and 1.0 differ): binding
+            # serializes them, which only the caller that starts the flight pays for.
+            prepared, stmt = statement, None
+            values = _typed(parameters)
+            if values is None:  # unhashable values: key on their serialized form
+                statement, parameters = statement.bind(parameters or ()), None
+                stmt = statement
+                values = tuple(statement.values)
+            identity: Hashable = ("id", prepared.query_id, values)
+        elif isinstance(statement, BoundStatement):
+            prepared, stmt = statement.prepared_statement, statement
+            identity = ("id", prepared.query_id, tuple(statement.values))
         else:
-            text = statement.query_string if isinstance(statement, Statement) else statement
+            prepared = None
+            stmt = statement if isinstance(statement, Statement) else None
+            text = stmt.query_string if stmt is not None else statement
             if not isinstance(text, str):
                 raise TypeError(f"cannot execute a {type(statement).__qualname__}")
-            info = classify(text)
-            keyspace = info.keyspace or getattr(statement, "keyspace", None) or session.keyspace
-            partition = None
             if parameters:
                 text = bind_params(text, parameters, session.encoder)
             identity = ("text", text)
 
+        if prepared is not None:
+            info = classify(prepared.query_string)
+            keyspace = info.keyspace or prepared.keyspace or session.keyspace
+        else:
+            info = classify(stmt.query_string if stmt is not None else statement)
+            keyspace = info.keyspace or getattr(stmt, "keyspace", None) or session.keyspace
         table = (keyspace, info.table) if info.table is not None else None
-        run = self._runner(statement, parameters, options)
         if not info.coalescable or any(options.get(name) for name in _NOT_SHARED):
-            return Call(None, info, table, partition, run)
-        stmt = statement if isinstance(statement, Statement) else None
+            return Call(None, info, table, statement, parameters, options)
+        source = stmt if stmt is not None else prepared
         key = (
             self.scope,
             keyspace,
             identity,
-            getattr(stmt, "consistency_level", None),
-            getattr(stmt, "serial_consistency_level", None),
-            getattr(stmt, "fetch_size", None),
+            getattr(source, "consistency_level", None),
+            getattr(source, "serial_consistency_level", None),
+            getattr(source, "fetch_size", None),
             options.get("paging_state"),
             _profile_key(options.get("execution_profile")),
             options.get("execute_as"),
         )
-        return Call(key, info, table, partition, run)
+        return Call(key, info, table, statement, parameters, options)
 
-    def _runner(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Any:
-        session = self.session
+    def _bound(self, call: Call) -> Any:
+        if call.bound is None:
+            statement = call.statement
+            if isinstance(statement, PreparedStatement):
+                statement = statement.bind(call.parameters or ())
+            call.bound = statement
+        return call.bound
 
-        async def run(timeout: float | None) -> Rows:
-            kwargs = dict(options)
-            if timeout is not None:
-                kwargs["timeout"] = timeout
-            response = session.execute_async(statement, parameters, **kwargs)
-            return await as_asyncio(response, asyncio.get_running_loop())
+    def partition(self, call: Call) -> bytes | None:
+        statement = self._bound(call)
+        if not isinstance(statement, BoundStatement):
+            return None
+        if not statement.prepared_statement.routing_key_indexes:
+            return None
+        return statement.routing_key  # type: ignore[no-any-return]
 
-        return run
+    async def run(self, call: Call, timeout: float | None) -> Rows:
+        statement = self._bound(call)
+        parameters = None if isinstance(statement, BoundStatement) else call.parameters
+        kwargs = dict(call.options)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        response = self.session.execute_async(statement, parameters, **kwargs)
+        return await as_asyncio(response, asyncio.get_running_loop())
+
+
+def _typed(parameters: Any) -> Hashable | None:
+    """A hashable, type-exact form of bound values; None if one is unhashable."""
+    if parameters is None:
+        return ()
+    if isinstance(parameters, dict):
+        items: Any = tuple(sorted(parameters.items()))
+        kinds: Any = tuple(type(v) for _, v in items)
+    else:
+        items = tuple(parameters)
+        kinds = tuple(map(type, items))
+    try:
+        hash(items)
+    except TypeError:
+        return None
+    return (items, kinds)
 
 
 def _profile_key(profile: Any) -> Hashable:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,24 +18,33 @@ __all__ = ["Call", "CoalescingSession", "Driver"]
 
 @dataclass(slots=True)
 class Call:
-    """One statement made ready by a driver adaptor: how to key it, and how to run it.
+    """One statement made ready by a driver adaptor: its key, and what running it needs.
 
     ``key`` is None for anything that must not be shared (writes, batches, LWT,
-    volatile SELECTs, traced or host-pinned requests). ``table`` is (keyspace, table)
-    and ``partition`` the serialized partition key when the driver knows it.
+    volatile SELECTs, traced or host-pinned requests). ``table`` is (keyspace, table).
+    Building a call must stay cheap: every caller of a herd builds one, and only the
+    one that starts the flight binds, sends and reads (`Driver.run`).
     """
 
     key: Hashable | None
     info: StatementInfo
     table: tuple[str | None, str] | None
-    partition: bytes | None
-    run: Callable[[float | None], Awaitable[Rows]]  # the driver's request timeout
+    statement: Any
+    parameters: Any
+    options: dict[str, Any]
+    bound: Any = None  # the driver's own statement, once `Driver.run` made it
 
 
 class Driver(Protocol):
-    """What `CoalescingSession` needs from a driver: keyed calls and prepare."""
+    """What `CoalescingSession` needs from a driver adaptor."""
 
     def call(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Call: ...
+
+    async def run(self, call: Call, timeout: float | None) -> Rows: ...
+
+    def partition(self, call: Call) -> bytes | None:
+        """The serialized partition key of the call's statement, when known."""
+        ...
 
     async def prepare(self, query: str) -> Any: ...
 
@@ -129,7 +138,7 @@ class CoalescingSession:
         call = self._driver.call(statement, parameters, options)
         if call.key is None:
             try:
-                return await call.run(timeout)
+                return await self._driver.run(call, timeout)
             finally:
                 if call.info.kind not in ("select", "use"):
                     self._written(call)
@@ -137,13 +146,14 @@ class CoalescingSession:
 
     async def _read(self, call: Call) -> Rows:
         assert call.key is not None and call.table is not None
-        with self.freshness.reading(call.key, call.table, call.partition):
-            return await call.run(None)  # one caller's timeout must not end a shared read
+        driver = self._driver
+        with self.freshness.reading(call.key, call.table, driver.partition(call)):
+            return await driver.run(call, None)  # one caller's timeout must not end it
 
     def _written(self, call: Call) -> None:
         info = call.info
         if info.kind in ("insert", "update", "delete") and call.table is not None:
-            self.freshness.written(call.table, call.partition)
+            self.freshness.written(call.table, self._driver.partition(call))
         elif info.kind == "ddl" and call.table is not None:
             self.freshness.written(call.table)
         else:  # batches, unknown statements, schema changes without a table
