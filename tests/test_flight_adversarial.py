@@ -2,9 +2,11 @@
 task, cancellation at every moment, odd functions, loops and threads, garbage, metrics,
 and the decorator's keys.
 
-Each test pins a behaviour that an earlier version got wrong. Tests that could leave a
-broken group behind build their own groups instead of using the `groups` fixture, so
-that a regression shows up as the test's failure, not as a teardown error.
+Most tests pin a behaviour that an earlier version got wrong. Tests marked
+``xfail(strict=True, reason="BUG: ...")`` pin a defect that exists today: they fail now
+and must lose the mark once it is fixed. Tests that could leave a broken group behind
+build their own groups instead of using the `groups` fixture, so that a defect shows up
+as the test's failure, not as a teardown error.
 """
 
 from __future__ import annotations
@@ -698,6 +700,72 @@ async def test_recursive_call_for_the_same_key_fails_instead_of_hanging(recurses
         await settle()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ReentrantCallError only catches a call joining its own flight from its "
+    "own task; two keys whose calls await each other (A awaits B awaits A) still wait "
+    "for each other forever, silently",
+)
+async def test_calls_awaiting_each_others_keys_fail_instead_of_hanging():
+    group = fresh()
+
+    async def a() -> str:
+        await asyncio.sleep(0)
+        return "a+" + await group.do("B", b)
+
+    async def b() -> str:
+        await asyncio.sleep(0)
+        return "b+" + await group.do("A", a)
+
+    caller = asyncio.create_task(group.do("A", a))
+    await settle(20)
+    try:
+        assert caller.done(), "the cycle A -> B -> A hangs"
+        assert isinstance(caller.exception(), RuntimeError)
+    finally:
+        caller.cancel()
+        await settle()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: owner tasks are reused after clean calls, so the task a finished call "
+    "saw as current_task() later runs an unrelated call; a late cancel aimed at the "
+    "finished call (an admin 'cancel query', a watchdog) cancels that call and all its "
+    "callers (a plain task would be done, and cancelling it a no-op)",
+)
+async def test_cancelling_a_finished_calls_task_leaves_later_calls_alone():
+    group = fresh()
+    await warm_up(group)
+    loop = asyncio.get_running_loop()
+
+    async def remembers_its_task() -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        await asyncio.sleep(0)
+        return task
+
+    finished_calls_task = await group.do("early", remembers_its_task)
+    assert finished_calls_task is not None
+    # Later calls, one at a time, until one runs in that same task (if any ever does).
+    seen: list[asyncio.Task[Any] | None] = []
+    gates: list[asyncio.Future[str]] = []
+
+    async def later() -> str:
+        seen.append(asyncio.current_task())
+        gates.append(loop.create_future())
+        return await gates[-1]
+
+    for i in range(20):
+        call = asyncio.create_task(group.do(("later", i), later))
+        await settle()
+        if seen[-1] is finished_calls_task:
+            finished_calls_task.cancel()  # aimed at the early call, long over
+            await settle()
+            assert not gates[-1].cancelled(), f"the cancel reached later call {i}"
+        gates[-1].set_result(f"answer {i}")
+        assert await call == f"answer {i}"
+
+
 # --------------------------------------------------------------------------------------
 # Event loops and threads
 # --------------------------------------------------------------------------------------
@@ -727,7 +795,7 @@ def test_one_group_alternates_between_uvloop_and_the_default_loop():
 
 
 def test_loops_in_several_threads_at_once_do_not_disturb_each_other():
-    bound = threading.Lock()  # first use of each loop one at a time: see the xfail below
+    bound = threading.Lock()  # first uses of new loops one at a time, as in older versions
     start = threading.Barrier(4)
     results: list[Any] = []
 
