@@ -70,6 +70,12 @@ def coalesced(
     wait. The wrapper keeps the function's signature and exposes ``.group``.
     """
 
+    if group is not None and (
+        linger or max_waiters is not None or max_inflight is not None or max_queued
+        or not metrics or registry is not None
+    ):
+        raise TypeError("@coalesced(group=...) takes no group options: set them on the group")
+
     def decorate(func: Callable[P, Awaitable[R]]) -> Coalesced[P, R]:
         flights = group
         if flights is None:

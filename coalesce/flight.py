@@ -60,38 +60,28 @@ class _Flight:
 
 _Job = tuple["SingleFlight[Any]", _Flight, Coroutine[Any, Any, Any], contextvars.Context, Any]
 
-_IDLE_OWNERS = 8  # owner tasks kept parked per loop for reuse, beyond the standby
-
-
 class _Runner:
-    """Parked tasks of one event loop, each ready to become the owner of a call.
+    """A parked task of one event loop, ready to become the owner of the next call.
 
     The first step of a call runs with the standby as `current_task()`. If the call
-    suspends, the standby carries it on (see `_resume`) and another parked task takes
-    its place: an owner whose call ended cleanly parks again for reuse, so a steady
-    stream of calls creates no task per call. Parked tasks run in an empty context
-    (each call runs in its own) and are not reported as destroyed when a loop is
-    closed by hand.
+    suspends, the standby carries it on (see `_resume`) and a new task is parked. An
+    owner is never reused for another call: code that kept the task a call saw as
+    current (a watchdog, an admin "cancel") must not reach an unrelated later call.
+    Parked tasks run in an empty context (each call runs in its own) and are not
+    reported as destroyed when a loop is closed by hand.
     """
 
-    __slots__ = ("busy", "idle", "job", "loop", "standby")
+    __slots__ = ("busy", "job", "loop", "standby")
 
     def __init__(self, loop: AbstractEventLoop) -> None:
         self.loop = loop
         self.busy = False
-        self.idle: list[tuple[Task[Any], Future[_Job]]] = []
         self._park()
 
     def _park(self) -> None:
-        self.job: Future[_Job]
-        while self.idle:
-            task, job = self.idle.pop()
-            if not job.done() and not task.cancelling():
-                self.standby, self.job = task, job
-                return
-        self.job = self.loop.create_future()
+        self.job: Future[_Job] = self.loop.create_future()
         self.standby = self.loop.create_task(
-            _owner(self, self.job), name="coalesce-flight", context=contextvars.Context()
+            _owner(self.job), name="coalesce-flight", context=contextvars.Context()
         )
         self.standby._log_destroy_pending = False  # type: ignore[attr-defined]
 
@@ -118,39 +108,21 @@ class _Runner:
             context=contextvars.Context(),
         )
 
-    def retire_or_reuse(self, task: Task[Any]) -> Future[_Job] | None:
-        if task.cancelling() or len(self.idle) >= _IDLE_OWNERS or self.loop.is_closed():
-            return None
-        job: Future[_Job] = self.loop.create_future()
-        self.idle.append((task, job))
-        return job
 
-
-async def _owner(runner: _Runner, job: Future[_Job]) -> None:
-    this = asyncio.current_task()
-    assert this is not None
-    while True:
-        thrown: BaseException | None = None
-        try:
-            group, flight, coro, context, pending = await job
-        except CancelledError as exc:
-            if not job.done() or job.cancelled():
-                return  # cancelled while parked: retire
-            # Cancelled between the hand-off and the first resumption. As a task
-            # would: cancel what the call awaits and let that cancellation reach it
-            # once it has finished cancelling, or throw it in if there is nothing.
-            group, flight, coro, context, pending = job.result()
-            if not (isinstance(pending, Future) and pending.cancel()):
-                thrown = exc
-        clean = await group._run(flight, _resume(coro, context, pending, thrown))
-        # Keep nothing of this call alive while parked: not its arguments, not its result.
-        del group, flight, coro, context, pending, thrown
-        if not clean:
-            return
-        next_job = runner.retire_or_reuse(this)
-        if next_job is None:
-            return
-        job = next_job
+async def _owner(job: Future[_Job]) -> None:
+    thrown: BaseException | None = None
+    try:
+        group, flight, coro, context, pending = await job
+    except CancelledError as exc:
+        if not job.done() or job.cancelled():
+            return  # cancelled while parked: retire
+        # Cancelled between the hand-off and the first resumption. As a task would:
+        # cancel what the call awaits and let that cancellation reach it once it has
+        # finished cancelling, or throw it in if there is nothing to cancel.
+        group, flight, coro, context, pending = job.result()
+        if not (isinstance(pending, Future) and pending.cancel()):
+            thrown = exc
+    await group._run(flight, _resume(coro, context, pending, thrown))
 
 
 @types.coroutine
@@ -200,6 +172,26 @@ def _runner_for(loop: AbstractEventLoop) -> _Runner:
         return runner
 
 
+# The flight each waiting task waits for: lets a join see a cycle of calls that would
+# wait for each other forever (A's call awaits key B, whose call awaits key A).
+_joined: dict[Task[Any], _Flight] = {}
+
+
+def _waits_on(flight: _Flight, task: Task[Any]) -> bool:
+    """Whether `flight`'s call already waits, through joined flights, on `task`."""
+    for _ in range(64):  # chains are short; a bound keeps a corrupt one from spinning
+        owner = flight.task
+        if owner is None:
+            return False
+        if owner is task:
+            return True
+        next_flight = _joined.get(owner)
+        if next_flight is None:
+            return False
+        flight = next_flight
+    return False
+
+
 def _expire(fut: Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
@@ -229,9 +221,13 @@ class SingleFlight(Generic[T]):
       calls run at a time across keys; a new key then waits in a queue of at most
       ``max_queued`` keys (callers of a queued key join it), and past that its caller
       gets `Overloaded` at once. Nothing piles up without bound.
-    - **Loops.** A group serves one event loop at a time; using it from another loop
-      while calls are in flight raises `LoopMismatchError`. An idle group follows the
-      loop it is used from.
+    - **Loops.** A group serves one event loop, in one thread, at a time; using it from
+      another loop while calls are in flight raises `LoopMismatchError`. An idle group
+      follows the loop it is used from.
+    - **Cycles.** A call that would wait for itself (it awaits its own key, directly or
+      through other coalesced calls) gets `ReentrantCallError` instead of hanging. A
+      call that awaits another key of the same group while ``max_inflight`` is reached
+      waits for a slot it may itself hold: size the bound for nested calls.
 
     The function runs its first step inside the first caller's `do`, with a task of
     the group's as `current_task()`, in a copy of the caller's context; a call that
@@ -411,11 +407,13 @@ class SingleFlight(Generic[T]):
         elif self.max_waiters is not None and flight.waiting >= self.max_waiters:
             if stats is not None:
                 stats.shed += 1
-            raise Overloaded(f"{self.name}: {flight.waiting} callers already wait for {key!r}")
+            raise Overloaded(f"{self.name}: a key already has {flight.waiting} callers waiting")
         else:
-            if flight.task is not None and flight.task is asyncio.current_task(loop):
+            me = asyncio.current_task(loop)
+            if me is not None and _waits_on(flight, me):
                 raise ReentrantCallError(
-                    f"{self.name}: the call for {key!r} awaited its own key from inside itself"
+                    f"{self.name}: the call for {key!r} would wait for itself "
+                    "(it awaits its own key, directly or through other coalesced calls)"
                 )
             if stats is not None:
                 stats.joined += 1
@@ -424,6 +422,9 @@ class SingleFlight(Generic[T]):
         flight.waiters.append(waiter)
         flight.waiting += 1
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        me = asyncio.current_task(loop)
+        if me is not None:
+            _joined[me] = flight
         try:
             return await waiter
         except GeneratorExit:
@@ -433,6 +434,8 @@ class SingleFlight(Generic[T]):
                 self._leave(flight, timed_out=isinstance(exc, TimeoutError))
             raise
         finally:
+            if me is not None:
+                _joined.pop(me, None)
             if timer is not None:
                 timer.cancel()
 
@@ -514,8 +517,8 @@ class SingleFlight(Generic[T]):
                 continue
             self._launch(flight, call, loop, context)
 
-    async def _run(self, flight: _Flight, call: Awaitable[Any]) -> bool:
-        """Await the call and end the flight; False if the owner should not be reused."""
+    async def _run(self, flight: _Flight, call: Awaitable[Any]) -> None:
+        """Await the call and end the flight."""
         try:
             result = await call
         except GeneratorExit:
@@ -525,9 +528,8 @@ class SingleFlight(Generic[T]):
             raise
         except BaseException as exc:  # handed to the waiters, who alone may care
             self._finish(flight, None, exc)
-            return isinstance(exc, Exception)
+            return
         self._finish(flight, result, None)
-        return True
 
     def _finish(
         self,

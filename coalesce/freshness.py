@@ -26,7 +26,11 @@ class FreshnessIndex:
     forgets every read of the table. Call `written` when the write has completed (or
     failed: a failed write may still have been applied).
 
-    Single event loop, no locks: the same thread that runs the group calls it.
+    The `reading` block must cover the whole upstream call. With a ``linger`` on the
+    group, a read stays forgettable for ``linger`` seconds after it ended (its own
+    timer, not the group's: a write landing in the instant between the two is not
+    seen by a lingering result). Single event loop, no locks: the thread that runs
+    the group calls it.
     """
 
     __slots__ = ("_group", "_tables")

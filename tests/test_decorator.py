@@ -141,3 +141,8 @@ def test_wrapper_keeps_signature_name_and_hints():
     assert str(inspect.signature(history)) == "(channel: 'int', limit: 'int' = 50) -> 'list[str]'"
     assert isinstance(history.group, SingleFlight)
     assert history.group.name.endswith("history")
+
+
+def test_group_options_next_to_a_group_are_refused(groups):
+    with pytest.raises(TypeError, match="no group options"):
+        coalesced(group=groups(), linger=1.0)

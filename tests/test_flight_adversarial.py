@@ -700,12 +700,6 @@ async def test_recursive_call_for_the_same_key_fails_instead_of_hanging(recurses
         await settle()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReentrantCallError only catches a call joining its own flight from its "
-    "own task; two keys whose calls await each other (A awaits B awaits A) still wait "
-    "for each other forever, silently",
-)
 async def test_calls_awaiting_each_others_keys_fail_instead_of_hanging():
     group = fresh()
 
@@ -727,13 +721,6 @@ async def test_calls_awaiting_each_others_keys_fail_instead_of_hanging():
         await settle()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: owner tasks are reused after clean calls, so the task a finished call "
-    "saw as current_task() later runs an unrelated call; a late cancel aimed at the "
-    "finished call (an admin 'cancel query', a watchdog) cancels that call and all its "
-    "callers (a plain task would be done, and cancelling it a no-op)",
-)
 async def test_cancelling_a_finished_calls_task_leaves_later_calls_alone():
     group = fresh()
     await warm_up(group)
