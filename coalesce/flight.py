@@ -17,6 +17,7 @@ import functools
 import threading
 import time
 import types
+import weakref
 from asyncio import AbstractEventLoop, CancelledError, Future, Task
 from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
@@ -84,6 +85,7 @@ class _Runner:
             _owner(self.job), name="coalesce-flight", context=contextvars.Context()
         )
         self.standby._log_destroy_pending = False  # type: ignore[attr-defined]
+        _owners.add(self.standby)
 
     def ready(self) -> Task[Any]:
         """The standby, replaced first if someone cancelled it while it was parked."""
@@ -107,6 +109,7 @@ class _Runner:
             name="coalesce-flight",
             context=contextvars.Context(),
         )
+        _owners.add(flight.task)
 
 
 async def _owner(job: Future[_Job]) -> None:
@@ -172,8 +175,9 @@ def _runner_for(loop: AbstractEventLoop) -> _Runner:
         return runner
 
 
-# The flight each waiting task waits for: lets a join see a cycle of calls that would
-# wait for each other forever (A's call awaits key B, whose call awaits key A).
+# Owner tasks, and the flight each owner waits for: lets a join see a cycle of calls
+# that would wait for each other forever (A's call awaits key B, whose awaits key A).
+_owners: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
 _joined: dict[Task[Any], _Flight] = {}
 
 
@@ -410,7 +414,7 @@ class SingleFlight(Generic[T]):
             raise Overloaded(f"{self.name}: a key already has {flight.waiting} callers waiting")
         else:
             me = asyncio.current_task(loop)
-            if me is not None and _waits_on(flight, me):
+            if me is not None and me in _owners and _waits_on(flight, me):  # owners only
                 raise ReentrantCallError(
                     f"{self.name}: the call for {key!r} would wait for itself "
                     "(it awaits its own key, directly or through other coalesced calls)"
@@ -423,8 +427,10 @@ class SingleFlight(Generic[T]):
         flight.waiting += 1
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         me = asyncio.current_task(loop)
-        if me is not None:
+        if me is not None and me in _owners:  # only owners can be part of a cycle
             _joined[me] = flight
+        else:
+            me = None
         try:
             return await waiter
         except GeneratorExit:
@@ -469,6 +475,7 @@ class SingleFlight(Generic[T]):
         if not isinstance(call, Coroutine):
             call = _awaited(call)
         task = loop.create_task(self._run(flight, call), name="coalesce-flight", context=context)
+        _owners.add(task)
         # A task cancelled before its first step never runs `_run`: end the flight here.
         task.add_done_callback(functools.partial(self._launched_done, flight, call))
         flight.task = task
