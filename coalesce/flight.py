@@ -17,7 +17,6 @@ import functools
 import threading
 import time
 import types
-import weakref
 from asyncio import AbstractEventLoop, CancelledError, Future, Task
 from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
@@ -85,7 +84,7 @@ class _Runner:
             _owner(self.job), name="coalesce-flight", context=contextvars.Context()
         )
         self.standby._log_destroy_pending = False  # type: ignore[attr-defined]
-        _owners.add(self.standby)
+        _track_owner(self.standby)
 
     def ready(self) -> Task[Any]:
         """The standby, replaced first if someone cancelled it while it was parked."""
@@ -109,7 +108,7 @@ class _Runner:
             name="coalesce-flight",
             context=contextvars.Context(),
         )
-        _owners.add(flight.task)
+        _track_owner(flight.task)
 
 
 async def _owner(job: Future[_Job]) -> None:
@@ -177,11 +176,17 @@ def _runner_for(loop: AbstractEventLoop) -> _Runner:
 
 # Owner tasks, and the flight each owner waits for: lets a join see a cycle of calls
 # that would wait for each other forever (A's call awaits key B, whose awaits key A).
-_owners: weakref.WeakSet[Task[Any]] = weakref.WeakSet()
+_owners: set[Task[Any] | None] = set()  # each removes itself when done
 _joined: dict[Task[Any], _Flight] = {}
 
 
-def _waits_on(flight: _Flight, task: Task[Any]) -> bool:
+def _track_owner(task: Task[Any]) -> None:
+    _owners.add(task)
+    # An empty context: a parked task must not keep the context of whoever parked it.
+    task.add_done_callback(_owners.discard, context=contextvars.Context())
+
+
+def _waits_on(flight: _Flight, task: Task[Any] | None) -> bool:
     """Whether `flight`'s call already waits, through joined flights, on `task`."""
     for _ in range(64):  # chains are short; a bound keeps a corrupt one from spinning
         owner = flight.task
@@ -347,6 +352,7 @@ class SingleFlight(Generic[T]):
             self._bind(loop)
         flight = self._flights.get(key)
         stats = self._stats
+        caller = asyncio.current_task(loop)
         if flight is None:
             if self.max_inflight is not None and self._running >= self.max_inflight:
                 flight = self._enqueue(key, fn, args, kwargs)
@@ -366,7 +372,6 @@ class SingleFlight(Generic[T]):
                     started = time.perf_counter()
                     context = contextvars.copy_context()
                     owner = runner.ready()
-                    caller = asyncio.current_task(loop)
                     runner.busy = True
                     if caller is not None:
                         _leave_task(loop, caller)
@@ -413,8 +418,8 @@ class SingleFlight(Generic[T]):
                 stats.shed += 1
             raise Overloaded(f"{self.name}: a key already has {flight.waiting} callers waiting")
         else:
-            me = asyncio.current_task(loop)
-            if me is not None and me in _owners and _waits_on(flight, me):  # owners only
+            if caller in _owners and _waits_on(flight, caller):  # only owners close cycles
+                assert caller is not None
                 raise ReentrantCallError(
                     f"{self.name}: the call for {key!r} would wait for itself "
                     "(it awaits its own key, directly or through other coalesced calls)"
@@ -426,11 +431,9 @@ class SingleFlight(Generic[T]):
         flight.waiters.append(waiter)
         flight.waiting += 1
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-        me = asyncio.current_task(loop)
-        if me is not None and me in _owners:  # only owners can be part of a cycle
-            _joined[me] = flight
-        else:
-            me = None
+        if caller in _owners:  # only owners can be part of a cycle
+            assert caller is not None
+            _joined[caller] = flight
         try:
             return await waiter
         except GeneratorExit:
@@ -440,8 +443,8 @@ class SingleFlight(Generic[T]):
                 self._leave(flight, timed_out=isinstance(exc, TimeoutError))
             raise
         finally:
-            if me is not None:
-                _joined.pop(me, None)
+            if caller in _owners:
+                _joined.pop(caller, None)  # type: ignore[arg-type]
             if timer is not None:
                 timer.cancel()
 
@@ -475,7 +478,7 @@ class SingleFlight(Generic[T]):
         if not isinstance(call, Coroutine):
             call = _awaited(call)
         task = loop.create_task(self._run(flight, call), name="coalesce-flight", context=context)
-        _owners.add(task)
+        _track_owner(task)
         # A task cancelled before its first step never runs `_run`: end the flight here.
         task.add_done_callback(functools.partial(self._launched_done, flight, call))
         flight.task = task
@@ -548,6 +551,7 @@ class SingleFlight(Generic[T]):
     ) -> None:
         """End a flight: free its slot, answer its waiters, maybe start queued keys."""
         flight.done = True
+        _owners.discard(flight.task)  # hold no finished task (nor its context)
         flight.task = None
         flight.exception = exception
         self._running -= 1
