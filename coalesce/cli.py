@@ -4,36 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "parse_duration"]
+from coalesce._units import parse_address, parse_duration, positive_int
 
-_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``"1ms"``, ``"250us"``, ``"0.5s"`` or a bare number of seconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(us|µs|ms|s)?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number with us, ms or s, e.g. 1ms"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", "").replace(",", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
+__all__ = ["main"]
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, int]], use_uvloop: bool) -> int:
     """Run `main` on the default asyncio loop, or on uvloop when asked."""
@@ -47,15 +25,7 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, int]], use_uvloop: bool) -> 
 
 
 def _hosts(text: str) -> list[tuple[str, int]]:
-    hosts = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        host, sep, port = item.rpartition(":")
-        if sep and port.isdigit():
-            hosts.append((host.strip("[]"), int(port)))
-        elif ":" not in item:
-            hosts.append((item, 9042))
-        else:
-            raise argparse.ArgumentTypeError(f"invalid host {item!r}: expected HOST[:PORT]")
+    hosts = [parse_address(item) for item in text.split(",") if item.strip()]
     if not hosts:
         raise argparse.ArgumentTypeError("--hosts needs at least one HOST[:PORT]")
     return hosts
@@ -136,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     herd = scenarios.add_parser(
         "herd", help="N concurrent reads of one hot key, with and without coalescing"
     )
-    herd.add_argument("--callers", type=_positive_int, default=10_000,
+    herd.add_argument("--callers", type=positive_int, default=10_000,
                       help="concurrent callers (default 10,000)")
     herd.add_argument("--latency", type=parse_duration, default=0.001,
                       help="service time of one upstream read (default 1ms)")
@@ -147,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                       default="cassandra-driver", help="driver for the emulator or --hosts")
     herd.add_argument("--hosts", type=_hosts,
                       help="a real cluster instead of the emulator: HOST[:PORT],...")
-    herd.add_argument("--channels", type=_positive_int, default=1,
+    herd.add_argument("--channels", type=positive_int, default=1,
                       help="hot channels; caller i reads channel i %% channels (default 1)")
-    herd.add_argument("--instances", type=_positive_int, default=1,
+    herd.add_argument("--instances", type=positive_int, default=1,
                       help="coalescing instances in front of the database (default 1)")
     herd.add_argument("--routing", choices=["hash", "random", "both"], default="both",
                       help="how callers pick an instance when --instances > 1")
-    herd.add_argument("--shards", type=_positive_int, default=4, help="emulator shards")
+    herd.add_argument("--shards", type=positive_int, default=4, help="emulator shards")
     herd.add_argument("--spread", type=parse_duration, default=0.0,
                       help="arrivals spread uniformly over this long (default: all at once)")
     herd.add_argument("--no-direct", action="store_true",

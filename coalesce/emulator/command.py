@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import signal
 import sys
 
+from coalesce import _units
+from coalesce._units import parse_duration, positive_int
 from coalesce.emulator.emulator import Emulator, EmulatorConfig
 
 __all__ = [
@@ -35,32 +36,9 @@ BANNER = (
     "Data lives in memory only and is lost on exit; one node, no replication."
 )
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|ms|us|µs|ns)?\s*$")
-_UNITS = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
-
-def parse_duration(text: str) -> float:
-    """`"1ms"` -> 0.001 seconds; raises `argparse.ArgumentTypeError` on bad input."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number with s, ms, us or ns (e.g. 1ms, 250us)"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
 def parse_address(text: str) -> tuple[str, int]:
     """`"127.0.0.1:9042"` -> ("127.0.0.1", 9042); `[::1]:9042` for IPv6."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid address {text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port_text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid shard count {text!r}: expected an integer >= 1")
-    return int(text)
+    return _units.parse_address(text, default_port=None)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +52,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="address to serve CQL on (default 127.0.0.1:9042)",
     )
     parser.add_argument(
-        "--shards", type=_positive_int, default=4, help="emulated shards (default 4)"
+        "--shards", type=positive_int, default=4, help="emulated shards (default 4)"
     )
     parser.add_argument(
         "--read-latency",

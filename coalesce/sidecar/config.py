@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coalesce import _units
 from coalesce.sidecar.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "Address", "SidecarConfig", "parse_address"]
@@ -26,7 +27,6 @@ ENV_PREFIX = "COALESCE_SIDECAR_"
 
 Address = tuple[str, int]
 
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _SIZES = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2}
 
 
@@ -35,20 +35,7 @@ def parse_address(text: str, *, default_port: int = 9042) -> Address:
 
     Raises `ValueError` on an empty host or a port outside 0..65535.
     """
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise ValueError(f"no host in address {text!r}")
-    port = int(port_text) if port_text else default_port
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} out of range in {text!r}")
-    return host, port
+    return _units.parse_address(text, default_port=default_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,10 +214,7 @@ def _seconds(raw: Any) -> float:
         raise TypeError(f"expected a duration, got {raw!r}")
     if isinstance(raw, int | float):
         return float(raw)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)?\s*", str(raw))
-    if match is None:
-        raise ValueError(f"invalid duration {raw!r}: use a number with us, ms or s, e.g. 250ms")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    return _units.parse_duration(str(raw))
 
 
 def _size(raw: Any) -> int:
