@@ -41,6 +41,33 @@ def groups() -> Iterator[Callable[..., SingleFlight[Any]]]:
         assert group.running == 0, f"{group!r} left upstream calls running"
 
 
+class Backend:
+    """An upstream whose calls block until the test releases them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = 0
+        self.gates: list[asyncio.Future[Any]] = []
+
+    async def __call__(self, value: Any = "answer") -> Any:
+        self.calls += 1
+        gate = asyncio.get_running_loop().create_future()
+        self.gates.append(gate)
+        try:
+            await gate
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return value
+
+    def release(self, index: int = -1, exc: BaseException | None = None) -> None:
+        gate = self.gates[index]
+        if exc is None:
+            gate.set_result(None)
+        else:
+            gate.set_exception(exc)
+
+
 async def settle(turns: int = 8) -> None:
     """Let every ready task run until it blocks (loop turns, not wall-clock time)."""
     for _ in range(turns):

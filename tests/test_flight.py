@@ -4,40 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from coalesce import LoopMismatchError, Overloaded, SingleFlight
-from tests.conftest import settle
-
-
-class Backend:
-    """An upstream whose calls block until the test releases them."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.cancelled = 0
-        self.gates: list[asyncio.Future[Any]] = []
-
-    async def __call__(self, value: Any = "answer") -> Any:
-        self.calls += 1
-        gate = asyncio.get_running_loop().create_future()
-        self.gates.append(gate)
-        try:
-            await gate
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        return value
-
-    def release(self, index: int = -1, exc: BaseException | None = None) -> None:
-        gate = self.gates[index]
-        if exc is None:
-            gate.set_result(None)
-        else:
-            gate.set_exception(exc)
+from tests.conftest import Backend, settle
 
 
 async def test_concurrent_callers_share_one_call_and_its_result(groups):
