@@ -14,9 +14,17 @@ from coalesce import SingleFlight
 
 pytest_plugins = ["tests.fixtures_emulator"]
 
+# Bounded property tests in CI; `HYPOTHESIS_PROFILE=fuzz` multiplies every budget by
+# FUZZ_FACTOR for a long fuzzing run (tests that set their own budget use `examples`).
+FUZZ_FACTOR = 100 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
 settings.register_profile("ci", max_examples=60, deadline=None)
-settings.register_profile("fuzz", max_examples=5000, deadline=None)
+settings.register_profile("fuzz", max_examples=60 * FUZZ_FACTOR, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> int:
+    """A property test's example budget: `n` in CI, `n` x FUZZ_FACTOR when fuzzing."""
+    return n * FUZZ_FACTOR
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from uhashring import HashRing
 
 import coalesce.router
 from coalesce.router import Key, NoNodesError, Router
+from tests.conftest import examples
 
 THREE = ["10.0.0.1:9042", "10.0.0.2:9042", "10.0.0.3:9042"]
 FOURTH = "10.0.0.4:9042"
@@ -481,4 +482,6 @@ class RouterMachine(RuleBasedStateMachine):
 
 
 TestRouterMachine = RouterMachine.TestCase
-TestRouterMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestRouterMachine.settings = settings(
+    max_examples=examples(60), stateful_step_count=40, deadline=None
+)

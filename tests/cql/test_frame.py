@@ -21,6 +21,7 @@ from coalesce.cql import (
     decompress_body,
     encode_frame,
 )
+from tests.conftest import examples
 
 _FRAMES = [
     Frame(4, False, 0, 0, Opcode.OPTIONS, b""),
@@ -70,7 +71,7 @@ def test_byte_by_byte_feeding_gives_the_same_frames() -> None:
     assert decoder.buffered == 0
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(st.integers(1, 5000), max_size=30))
 def test_random_chunk_splits_give_the_same_frames(cuts: list[int]) -> None:
     data = _wire(_FRAMES)
@@ -166,7 +167,7 @@ def test_truncated_frame_yields_nothing_until_completed() -> None:
     assert decoder.feed(data[-1:]) == _FRAMES[1:2]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.binary(max_size=40), max_size=6))
 def test_random_bytes_only_ever_raise_protocol_errors(chunks: list[bytes]) -> None:
     decoder = FrameDecoder(max_body=4096)
@@ -179,13 +180,13 @@ def test_random_bytes_only_ever_raise_protocol_errors(chunks: list[bytes]) -> No
 # -- compression ---------------------------------------------------------------
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.binary(max_size=5000))
 def test_lz4_round_trips(body: bytes) -> None:
     assert decompress_body(compress_body(body)) == body
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(st.binary(min_size=1, max_size=3000))
 def test_lz4_is_interchangeable_with_cassandra_drivers_codec(body: bytes) -> None:
     driver_compress, driver_decompress = locally_supported_compressions["lz4"]

@@ -86,6 +86,7 @@ from coalesce.cql import (
     query_parameters_offset,
     split_extras,
 )
+from tests.conftest import examples
 
 _INT, _TEXT = parse_type("int"), parse_type("text")
 _COLUMNS = [
@@ -216,14 +217,14 @@ def test_named_values_in_batch_are_rejected() -> None:
         Batch.decode(bytes(body))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from(list(Opcode)), st.binary(max_size=80))
 def test_random_bodies_only_ever_raise_protocol_errors(opcode: Opcode, body: bytes) -> None:
     with contextlib.suppress(CQLProtocolError):
         decode_message(opcode, body)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.sampled_from(_MESSAGES), st.data())
 def test_mutated_bodies_only_ever_raise_protocol_errors(msg: Message, data: st.DataObject) -> None:
     opcode, body = encode_message(msg)
@@ -239,7 +240,7 @@ def test_mutated_bodies_only_ever_raise_protocol_errors(msg: Message, data: st.D
 _VALUE = st.one_of(st.none(), st.just(UNSET), st.binary(max_size=20))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.integers(0, 10),
     st.one_of(st.none(), st.lists(_VALUE, max_size=5)),
@@ -504,7 +505,7 @@ def test_rows_count_the_body_cannot_hold_is_rejected_before_allocating() -> None
 _CELL = st.one_of(st.none(), st.binary(max_size=30))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.integers(1, 4).flatmap(lambda n: st.lists(st.lists(_CELL, min_size=n, max_size=n))))
 def test_rows_of_random_cells_round_trip(rows: list[list[bytes | None]]) -> None:
     width = len(rows[0]) if rows else 1

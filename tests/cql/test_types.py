@@ -30,6 +30,7 @@ from coalesce.cql import (
     decode_option,
     parse_type,
 )
+from tests.conftest import examples
 
 _NATIVE_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "ascii": st.text(alphabet=st.characters(max_codepoint=127)),
@@ -240,7 +241,7 @@ def test_deeply_nested_option_raises_protocol_error_not_recursion_error() -> Non
         decode_option(b"\x00\x20" * 10_000 + b"\x00\x09")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=64))
 def test_decode_option_on_random_bytes_only_raises_protocol_error(raw: bytes) -> None:
     with contextlib.suppress(CQLProtocolError):
@@ -250,7 +251,7 @@ def test_decode_option_on_random_bytes_only_raises_protocol_error(raw: bytes) ->
 # -- values --------------------------------------------------------------------
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(_typed_values())
 def test_every_type_round_trips_values(typed: tuple[CqlType, Any]) -> None:
     t, value = typed
@@ -274,7 +275,7 @@ def _expected_decoded(t: CqlType, value: Any) -> Any:
     return value
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(_typed_values())
 def test_serialized_bytes_decode_like_cassandra_driver_encodes(typed: tuple[CqlType, Any]) -> None:
     t, value = typed
@@ -285,7 +286,7 @@ def test_serialized_bytes_decode_like_cassandra_driver_encodes(typed: tuple[CqlT
     assert t.deserialize(driver_bytes) == _expected_decoded(t, value)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(_NATIVE_VALUES["duration"])
 def test_duration_matches_cassandra_driver_vint_encoding(d: Duration) -> None:
     t = TYPE_BY_NAME["duration"]
@@ -407,7 +408,7 @@ def test_serialize_rejects_bad_python_values(name: str, value: Any, error: type[
         parse_type(name).serialize(value)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.sampled_from(
         [*sorted(TYPE_BY_NAME), "list<int>", "map<text, frozen<set<int>>>", "tuple<int, text>"]

@@ -30,6 +30,7 @@ from coalesce.emulator.executor import (
 from coalesce.emulator.schema import Schema, TableDef
 from coalesce.emulator.storage import Storage, routing_key, token_of
 from coalesce.emulator.system_tables import NodeInfo, SystemTables
+from tests.conftest import examples
 
 MESSAGES = (
     "CREATE TABLE messages (channel_id bigint, bucket int, message_id bigint, author_id bigint, "
@@ -386,7 +387,7 @@ def test_bound_values_are_decoded_by_marker_type(engine: Engine) -> None:
         )
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**31), 2**31 - 1)),

@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from coalesce.cql.types import parse_type
 from coalesce.emulator.ordering import MAX, MIN, column_sort_key, range_bounds
 from coalesce.emulator.schema import Column
+from tests.conftest import examples
 
 
 def _column(type_name: str, *, descending: bool = False) -> Column:
     return Column("c", parse_type(type_name), "clustering", 0, descending)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=2, max_size=20))
 def test_ascending_and_descending_keys_sort_integers_both_ways(values: list[int]) -> None:
     ascending = _column("bigint")

@@ -28,6 +28,7 @@ from coalesce.emulator.statements import (
     TupleLiteral,
     Update,
 )
+from tests.conftest import examples
 
 
 def test_keywords_are_case_insensitive_and_identifiers_lowercased() -> None:
@@ -208,7 +209,7 @@ def test_known_but_unsupported_cql_is_invalid_not_a_syntax_error(text: str) -> N
         parse(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(max_size=80))
 def test_parse_never_fails_with_anything_but_a_cql_error(text: str) -> None:
     with contextlib.suppress(CqlSyntaxError, InvalidRequest):
@@ -268,7 +269,7 @@ _FRAGMENTS = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(_FRAGMENTS, max_size=25))
 def test_parse_of_keyword_soup_never_fails_with_anything_but_a_cql_error(
     words: list[str],

@@ -22,6 +22,7 @@ from coalesce.cql.codes import ErrorCode
 from coalesce.cql.frame import COMPRESSION, FrameDecoder, Opcode, decompress_body, encode_frame
 from coalesce.cql.messages import Error, Options, Query, QueryParameters, Startup, Supported
 from coalesce.emulator import Emulator, EmulatorThread
+from tests.conftest import examples
 from tests.emulator.rawcql import RawConnection, rows_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -218,7 +219,9 @@ _STARTUP = encode_frame(Opcode.STARTUP, Startup({"CQL_VERSION": "3.0.0"}).encode
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     prefix=st.sampled_from([b"", _STARTUP]),

@@ -16,6 +16,7 @@ from coalesce.cql.frame import Opcode, encode_frame
 from coalesce.cql.messages import Query, QueryParameters
 from coalesce.emulator import Emulator, ShardModel, shard_of
 from coalesce.emulator.storage import routing_key, token_of
+from tests.conftest import examples
 from tests.emulator.rawcql import RawConnection
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,7 +28,7 @@ def test_shard_of_follows_scyllas_formula_at_the_edges() -> None:
     assert shard_of(-(2**63), 1) == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(-(2**63), 2**63 - 1), st.integers(1, 64))
 def test_shard_of_is_always_a_valid_shard(token: int, shards: int) -> None:
     assert 0 <= shard_of(token, shards) < shards

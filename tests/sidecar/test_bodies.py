@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from coalesce.cql import Execute, Opcode, Query, QueryParameters
 from coalesce.sidecar.bodies import bound_values, error_code, key_body, routing_key
+from tests.conftest import examples
 
 values = st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=5)
 params = st.builds(
@@ -21,7 +22,7 @@ params = st.builds(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(params, st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1))
 def test_requests_differing_only_in_client_timestamp_have_the_same_key(
     p: QueryParameters, t1: int, t2: int,
@@ -34,7 +35,7 @@ def test_requests_differing_only_in_client_timestamp_have_the_same_key(
     assert key_body(Opcode.QUERY, body(t1)) == body(None)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(params, params)
 def test_requests_with_any_other_difference_have_different_keys(
     a: QueryParameters, b: QueryParameters,
@@ -48,7 +49,7 @@ def test_requests_with_any_other_difference_have_different_keys(
     assert keys_equal == same_without_timestamp
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(values)
 def test_bound_values_are_read_back_as_sent(vals: list[bytes | None]) -> None:
     body = Execute(b"id", QueryParameters(1, list(vals), page_size=10, timestamp=5)).encode()
