@@ -353,6 +353,7 @@ class SingleFlight(Generic[T]):
         flight = self._flights.get(key)
         stats = self._stats
         caller = asyncio.current_task(loop)
+        nested = caller in _owners  # a call made from inside another call's owner task
         if flight is None:
             if self.max_inflight is not None and self._running >= self.max_inflight:
                 flight = self._enqueue(key, fn, args, kwargs)
@@ -418,10 +419,9 @@ class SingleFlight(Generic[T]):
                 stats.shed += 1
             raise Overloaded(f"{self.name}: a key already has {flight.waiting} callers waiting")
         else:
-            if caller in _owners and _waits_on(flight, caller):  # only owners close cycles
-                assert caller is not None
+            if nested and _waits_on(flight, caller):  # only owners can close a cycle
                 raise ReentrantCallError(
-                    f"{self.name}: the call for {key!r} would wait for itself "
+                    f"{self.name}: a call would wait for itself "
                     "(it awaits its own key, directly or through other coalesced calls)"
                 )
             if stats is not None:
@@ -431,7 +431,7 @@ class SingleFlight(Generic[T]):
         flight.waiters.append(waiter)
         flight.waiting += 1
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-        if caller in _owners:  # only owners can be part of a cycle
+        if nested:
             assert caller is not None
             _joined[caller] = flight
         try:
@@ -443,7 +443,7 @@ class SingleFlight(Generic[T]):
                 self._leave(flight, timed_out=isinstance(exc, TimeoutError))
             raise
         finally:
-            if caller in _owners:
+            if nested:
                 _joined.pop(caller, None)  # type: ignore[arg-type]
             if timer is not None:
                 timer.cancel()
