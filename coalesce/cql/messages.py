@@ -198,34 +198,9 @@ class Authenticate(_Body):
 
 
 @dataclass(slots=True)
-class AuthResponse(_Body):
-    opcode: ClassVar[Opcode] = Opcode.AUTH_RESPONSE
-    token: bytes | None
+class _Token(_Body):
+    """The SASL messages: one opaque [bytes] token each way."""
 
-    def encode(self) -> bytes:
-        return w_bytes(self.token)
-
-    @classmethod
-    def _read(cls, r: Reader) -> Self:
-        return cls(r.nbytes())
-
-
-@dataclass(slots=True)
-class AuthChallenge(_Body):
-    opcode: ClassVar[Opcode] = Opcode.AUTH_CHALLENGE
-    token: bytes | None
-
-    def encode(self) -> bytes:
-        return w_bytes(self.token)
-
-    @classmethod
-    def _read(cls, r: Reader) -> Self:
-        return cls(r.nbytes())
-
-
-@dataclass(slots=True)
-class AuthSuccess(_Body):
-    opcode: ClassVar[Opcode] = Opcode.AUTH_SUCCESS
     token: bytes | None = None
 
     def encode(self) -> bytes:
@@ -234,6 +209,21 @@ class AuthSuccess(_Body):
     @classmethod
     def _read(cls, r: Reader) -> Self:
         return cls(r.nbytes())
+
+
+@dataclass(slots=True)
+class AuthResponse(_Token):
+    opcode: ClassVar[Opcode] = Opcode.AUTH_RESPONSE
+
+
+@dataclass(slots=True)
+class AuthChallenge(_Token):
+    opcode: ClassVar[Opcode] = Opcode.AUTH_CHALLENGE
+
+
+@dataclass(slots=True)
+class AuthSuccess(_Token):
+    opcode: ClassVar[Opcode] = Opcode.AUTH_SUCCESS
 
 
 @dataclass(slots=True)
