@@ -182,13 +182,7 @@ class Executor:
         return statement
 
     def _table(self, ref: TableRef, keyspace: str | None) -> TableDef:
-        name = ref.keyspace or keyspace
-        if name is None:
-            raise InvalidRequest(
-                "No keyspace has been specified. USE a keyspace, or explicitly specify "
-                "keyspace.tablename"
-            )
-        return self.schema.table(name, ref.name)
+        return self.schema.table(_keyspace_of(ref.keyspace, keyspace), ref.name)
 
     def _resolver(self, keyspace: str | None) -> Callable[[TableRef], TableDef]:
         return lambda ref: self._table(ref, keyspace)
@@ -519,12 +513,7 @@ class Executor:
                 self.storage.drop_keyspace(statement.name)
                 change = ResultSchemaChange("DROPPED", "KEYSPACE", statement.name)
         elif isinstance(statement, CreateTable):
-            ks = statement.table.keyspace or keyspace
-            if ks is None:
-                raise InvalidRequest(
-                    "No keyspace has been specified. USE a keyspace, or "
-                    "explicitly specify keyspace.tablename"
-                )
+            ks = _keyspace_of(statement.table.keyspace, keyspace)
             if ks in SYSTEM_KEYSPACES:
                 raise Unauthorized(f"{ks} keyspace is not user-modifiable.")
             self.schema.keyspace(ks)
@@ -542,12 +531,7 @@ class Executor:
                 self.storage.table(definition)
                 change = ResultSchemaChange("CREATED", "TABLE", ks, statement.table.name)
         elif isinstance(statement, DropTable):
-            ks = statement.table.keyspace or keyspace
-            if ks is None:
-                raise InvalidRequest(
-                    "No keyspace has been specified. USE a keyspace, or "
-                    "explicitly specify keyspace.tablename"
-                )
+            ks = _keyspace_of(statement.table.keyspace, keyspace)
             if ks in SYSTEM_KEYSPACES:
                 raise Unauthorized(f"{ks} keyspace is not user-modifiable.")
             self._authorize(session, "drop", ks, statement.table.name)
@@ -605,12 +589,7 @@ class Executor:
         else:
             resource = statement.resource
             if resource[0] == "table" and resource[1] is None:
-                resource = ("table", session.keyspace, resource[2])
-                if session.keyspace is None:
-                    raise InvalidRequest(
-                        "No keyspace has been specified. USE a keyspace, or "
-                        "explicitly specify keyspace.tablename"
-                    )
+                resource = ("table", _keyspace_of(None, session.keyspace), resource[2])
             if resource[0] == "keyspace":
                 assert resource[1] is not None
                 self.schema.keyspace(resource[1])
@@ -655,3 +634,14 @@ def _decode_values(shape: BoundShape, values: _Values, names: list[str] | None) 
 
 def _now_micros() -> int:
     return time.time_ns() // 1000
+
+
+def _keyspace_of(explicit: str | None, current: str | None) -> str:
+    """The keyspace a name lives in: its own, else the session's, else an error."""
+    name = explicit or current
+    if name is None:
+        raise InvalidRequest(
+            "No keyspace has been specified. USE a keyspace, or explicitly specify "
+            "keyspace.tablename"
+        )
+    return name
