@@ -383,19 +383,15 @@ class SingleFlight(Generic[T]):
                         self._running -= 1
                         if stats is not None:
                             stats.started += 1
-                            stats.upstream_ok += 1
-                            stats.waiters.observe(1)
-                            stats.latency.observe(time.perf_counter() - started)
+                            stats.ended(None, 1, time.perf_counter() - started)
                         if self.linger and key not in self._flights:
                             self._linger(key, stop.value)
                         return stop.value  # type: ignore[no-any-return]
-                    except BaseException:
+                    except BaseException as exc:
                         self._running -= 1
                         if stats is not None:
                             stats.started += 1
-                            stats.upstream_error += 1
-                            stats.waiters.observe(1)
-                            stats.latency.observe(time.perf_counter() - started)
+                            stats.ended(exc, 1, time.perf_counter() - started)
                         raise
                     finally:
                         _leave_task(loop, owner)
@@ -557,14 +553,7 @@ class SingleFlight(Generic[T]):
         self._running -= 1
         stats = self._stats
         if stats is not None:
-            if exception is None:
-                stats.upstream_ok += 1
-            elif isinstance(exception, CancelledError):
-                stats.upstream_cancelled += 1
-            else:
-                stats.upstream_error += 1
-            stats.waiters.observe(len(flight.waiters))
-            stats.latency.observe(time.perf_counter() - flight.started_at)
+            stats.ended(exception, len(flight.waiters), time.perf_counter() - flight.started_at)
         waiters, flight.waiters = flight.waiters, []
         if exception is None:
             for waiter in waiters:

@@ -19,6 +19,7 @@ Exported families (all labelled by ``group``):
 from __future__ import annotations
 
 import weakref
+from asyncio import CancelledError
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -82,6 +83,17 @@ class FlightStats:
         self.upstream_ok = self.upstream_error = self.upstream_cancelled = 0
         self.waiters = _Histogram(WAITER_BUCKETS)
         self.latency = _Histogram(LATENCY_BUCKETS)
+
+    def ended(self, exception: BaseException | None, waiters: int, seconds: float) -> None:
+        """Count one upstream call that ended, its callers and its latency."""
+        if exception is None:
+            self.upstream_ok += 1
+        elif isinstance(exception, CancelledError):
+            self.upstream_cancelled += 1
+        else:
+            self.upstream_error += 1
+        self.waiters.observe(waiters)
+        self.latency.observe(seconds)
 
 
 class _GroupCollector:
