@@ -8,12 +8,15 @@ from typing import Any
 
 import pytest
 from cassandra import InvalidRequest
+from cassandra.cluster import Cluster
+from cassandra.policies import ConstantReconnectionPolicy
 from cassandra.query import BatchStatement, SimpleStatement
 
 from coalesce import SingleFlight
 from coalesce.emulator import EmulatorThread
 from coalesce.scylla import CoalescingSession, Rows
 from tests.conftest import settle
+from tests.scylla.conftest import SCHEMA
 
 _channels = itertools.count(1000)
 
@@ -239,3 +242,32 @@ async def test_rows_are_immutable_named_tuples(driver_session, coalescing):
 def test_unknown_session_types_are_refused():
     with pytest.raises(TypeError, match="cassandra-driver or acsylla"):
         CoalescingSession(object())
+
+
+async def test_database_dying_mid_herd_fails_every_waiter_promptly(coalescing):
+    with EmulatorThread(read_latency=0.0, per_row=0.0) as emu:
+        cluster = Cluster(
+            [emu.host], port=emu.port, protocol_version=4,
+            reconnection_policy=ConstantReconnectionPolicy(60.0),
+        )
+        session = await asyncio.to_thread(cluster.connect)
+        try:
+            for ddl in SCHEMA:
+                await asyncio.to_thread(session.execute, ddl)
+            cs = coalescing(session, metrics=True, name="dying")
+            query = "SELECT * FROM chat.messages WHERE channel_id = 1 AND bucket = 0"
+            emu.call(emu.emulator.hold_reads)  # the read reaches the database, no answer
+            before = selects(emu)
+            herd_tasks = [asyncio.create_task(cs.execute(query)) for _ in range(50)]
+            await asyncio.to_thread(
+                emu.run, emu.emulator.wait_for_statements("select", before + 1)
+            )
+            emu.call(emu.emulator.stop)  # the node crashes with the read in flight
+            results = await asyncio.wait_for(
+                asyncio.gather(*herd_tasks, return_exceptions=True), timeout=20
+            )
+            assert all(isinstance(r, Exception) for r in results)
+            assert len({id(r) for r in results}) == 1  # one upstream error, shared
+            assert cs.group.stats is not None and cs.group.stats.upstream_error == 1
+        finally:
+            await asyncio.to_thread(cluster.shutdown)
