@@ -71,6 +71,20 @@ class SidecarConfig:
     upstream_ca: Path | None = None
     upstream_verify: bool = True
     uvloop: bool = False
+    handshake_timeout: float = 10.0
+    idle_timeout: float | None = 300.0
+    max_connections: int | None = None
+    max_client_requests: int = 2048
+    max_client_buffer: int = 4 * 1024 * 1024
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 5.0
+    max_pools: int = 64
+    pool_idle_timeout: float = 60.0
+    max_logins: int = 64
+    prepared_cache: int = 100_000
+    prepared_cache_bytes: int = 64 * 1024 * 1024
+    gc_freeze: bool = True
+    gc_threshold: int = 50_000
 
     def __post_init__(self) -> None:
         if not self.upstream:
@@ -269,4 +283,18 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_ca": _path,
     "upstream_verify": _bool,
     "uvloop": _bool,
+    "handshake_timeout": _seconds,
+    "idle_timeout": lambda raw: None if str(raw).lower() in ("off", "none") else _seconds(raw),
+    "max_connections": _optional_int,
+    "max_client_requests": _int,
+    "max_client_buffer": _size,
+    "heartbeat_interval": _seconds,
+    "heartbeat_timeout": _seconds,
+    "max_pools": _int,
+    "pool_idle_timeout": _seconds,
+    "max_logins": _int,
+    "prepared_cache": _int,
+    "prepared_cache_bytes": _size,
+    "gc_freeze": _bool,
+    "gc_threshold": _int,
 }
