@@ -19,6 +19,12 @@ from .frame import CUSTOM_PAYLOAD, Opcode
 
 __all__ = ["SERIAL_CONSISTENCIES", "BatchMember", "Request"]
 
+# Plain ints: comparing with an IntEnum member costs a class attribute lookup each time.
+_QUERY: Final = int(Opcode.QUERY)
+_EXECUTE: Final = int(Opcode.EXECUTE)
+_PREPARE: Final = int(Opcode.PREPARE)
+_BATCH: Final = int(Opcode.BATCH)
+_CUSTOM_PAYLOAD: Final = CUSTOM_PAYLOAD
 _SHORT: Final = struct.Struct(">H")
 _INT: Final = struct.Struct(">i")
 
@@ -63,36 +69,36 @@ class Request:
         self.opcode = opcode
         self.flags = flags
         self.body = body
-        core = _strip_payload(body) if flags & CUSTOM_PAYLOAD else body
+        core = _strip_payload(body) if flags & _CUSTOM_PAYLOAD else body
         self.core = core
-        self.text: str | None = None
-        self.query_id: bytes | None = None
-        self.params = -1
-        self.consistency = -1
-        self.query_flags = 0
         try:
-            if opcode == Opcode.QUERY or opcode == Opcode.PREPARE:
+            if opcode == _EXECUTE:
+                params = 2 + (core[0] << 8 | core[1])
+                self.query_id = core[2:params]
+                self.text = None
+            elif opcode in (_QUERY, _PREPARE):
                 (n,) = _INT.unpack_from(core)
                 if n < 0 or 4 + n > len(core):
                     raise CQLProtocolError("statement text runs past the end of the body")
                 self.text = _utf8(core[4 : 4 + n])
-                if opcode == Opcode.PREPARE:
-                    if 4 + n != len(core):
-                        raise CQLProtocolError("PREPARE body has bytes after its statement")
-                    return
+                self.query_id = None
                 params = 4 + n
-            elif opcode == Opcode.EXECUTE:
-                params = 2 + (core[0] << 8 | core[1])
-                self.query_id = core[2:params]
+                if opcode == _PREPARE:
+                    if params != len(core):
+                        raise CQLProtocolError("PREPARE body has bytes after its statement")
+                    self.params = self.consistency = -1
+                    self.query_flags = 0
+                    return
             else:
+                self.text = self.query_id = None
+                self.params = self.consistency = -1
+                self.query_flags = 0
                 return
-            if params + 3 > len(core):
-                raise CQLProtocolError("body too short for its query parameters")
+            self.params = params
+            self.consistency = core[params] << 8 | core[params + 1]
+            self.query_flags = core[params + 2]
         except (IndexError, struct.error):
-            raise CQLProtocolError("body too short for its statement") from None
-        self.params = params
-        self.consistency = core[params] << 8 | core[params + 1]
-        self.query_flags = core[params + 2]
+            raise CQLProtocolError("body too short for its query parameters") from None
 
     def __repr__(self) -> str:
         return f"<Request stream={self.stream} opcode=0x{self.opcode:02x} {len(self.body)}B>"
@@ -109,21 +115,23 @@ class Request:
         last field of v4 <query_parameters>), so identical reads never have identical
         bodies. The answer of a read does not depend on it; every other byte does
         (statement, values, consistency, page size, paging state, other flags). The
-        timestamp flag is cleared too, so a stamped read and an unstamped one meet.
+        timestamp flag is set in every key, so a stamped read and an unstamped one meet.
         """
         qflags = self.query_flags
-        if not qflags & _TIMESTAMP or self.core is not self.body:
-            return self.body
         body = self.body
+        if qflags & _TIMESTAMP:
+            return body[:-8]  # the flag stays set: unstamped bodies set it below
+        if self.core is not body or self.params < 0:
+            return body
         at = self.params + 2
-        return b"".join((body[:at], _FLAG_BYTES[qflags & ~_TIMESTAMP], body[at + 1 : -8]))
+        return b"".join((body[:at], _FLAG_BYTES[qflags | _TIMESTAMP], body[at + 1 :]))
 
     def check(self) -> None:
         """Walk the whole body; raise `CQLProtocolError` unless it is well-formed v4."""
         opcode = self.opcode
-        if opcode == Opcode.QUERY or opcode == Opcode.EXECUTE:
+        if opcode in (_QUERY, _EXECUTE):
             end = _skip_parameters(self.core, self.params)
-        elif opcode == Opcode.BATCH:
+        elif opcode == _BATCH:
             end = _walk_batch(self.core, None)
         else:
             return

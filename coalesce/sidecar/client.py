@@ -65,10 +65,11 @@ from coalesce.sidecar.advertised import empty_rows, rewrite_local
 from coalesce.sidecar.connection import Outcome
 from coalesce.sidecar.errors import UpstreamError, UpstreamRefused
 from coalesce.sidecar.exchange import Exchange
+from coalesce.sidecar.flights import FULL as _FULL
 from coalesce.sidecar.flights import Answer, Flight
 from coalesce.sidecar.login import LoginRelay
 from coalesce.sidecar.outbox import Outbox
-from coalesce.sidecar.plan import Forward, Merge, Unprepared, Use, partition_of, plan
+from coalesce.sidecar.plan import Forward, Merge, Plan, Unprepared, Use, partition_of, plan
 from coalesce.sidecar.proxy import Proxy
 from coalesce.sidecar.ring import token_of
 from coalesce.sidecar.upstream import Pool
@@ -80,6 +81,7 @@ _log = logging.getLogger(__name__)
 _HEADER: Final = struct.Struct(">BBhBi")
 _STREAM: Final = struct.Struct(">h")
 _RESPONSE_V4: Final = 0x84
+_COMPRESSION: Final = COMPRESSION
 _FRAMES_PER_TURN: Final = 128
 _EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
 _SUPPORTED_BODY: Final = Supported(
@@ -238,6 +240,7 @@ class ClientConnection(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._activity = self._proxy.loop_time()
         at_boundary = self._decoder.buffered == 0
         try:
             frames = self._decoder.feed(data)
@@ -342,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
     def _accepted(self) -> None:
         """One more request waits for an answer from upstream."""
         self._pending += 1
-        self._proxy.request_started()
+        self._proxy.in_flight += 1
         if self._pending >= self._max_requests:
             self._update_reading()
 
@@ -382,7 +385,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, frame: Frame) -> None:
         version, is_response, flags, stream, opcode, body = frame
-        self._proxy.stats.frames[opcode] += 1
+        proxy = self._proxy
+        proxy.stats.frames[opcode] += 1
         if version != 4:
             self._reject_version(version, stream)
             return
@@ -390,16 +394,34 @@ class ClientConnection(asyncio.Protocol):
             self._fatal(stream, "a client sent a frame with the response bit set")
             return
         try:
-            if flags & COMPRESSION:
+            if flags & _COMPRESSION:
                 if not self._lz4:
                     raise CQLProtocolError("compressed frame but no compression negotiated")
                 body = decompress_body(body, max_size=self._max_frame)
-                flags &= ~COMPRESSION
-            state = self._state
-            if state == _READY and opcode in _PLANNED:
-                self._request(Request(stream, opcode, flags, body))
+                flags &= ~_COMPRESSION
+            if self._state == _READY and opcode in _PLANNED:
+                request = Request(stream, opcode, flags, body)
+                p = plan(request, self.role, self.keyspace, proxy.statements)
+                if type(p) is Merge:
+                    # The herd's path, kept flat: a joiner's body equals the checked body
+                    # of the flight's first request but for the timestamp.
+                    proxy.stats.merged += 1
+                    flight = proxy.flights.join(p.key, self, stream)
+                    if flight is None:
+                        self._start_flight(request, p)
+                    elif flight is not _FULL:
+                        self._flights.add(flight)
+                        self._pending += 1
+                        proxy.in_flight += 1
+                        if self._pending >= self._max_requests:
+                            self._update_reading()
+                    else:
+                        self._write_error(stream, ErrorCode.OVERLOADED,
+                                          "too many requests wait for this read")
+                else:
+                    self._execute(request, p)
                 return
-            handler = (_READY_HANDLERS if state == _READY else _SETUP_HANDLERS).get(opcode)
+            handler = (_READY_HANDLERS if self._state == _READY else _SETUP_HANDLERS).get(opcode)
             if handler is None:
                 self._unexpected(stream, opcode)
                 return
@@ -433,13 +455,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- requests --------------------------------------------------------------------------
 
-    def _request(self, request: Request) -> None:
+    def _execute(self, request: Request, p: Plan) -> None:
+        """Carry out every plan but `Merge` (which `_dispatch` runs itself)."""
         proxy = self._proxy
-        self._activity = proxy.loop_time()
-        p = plan(request, self.role, self.keyspace, proxy.statements)
-        if type(p) is Merge:
-            self._merge(request, p)
-        elif type(p) is Forward:
+        if type(p) is Forward:
             self._forward(request, p)
         elif type(p) is Use:
             proxy.stats.local += 1
@@ -450,22 +469,10 @@ class ClientConnection(asyncio.Protocol):
             proxy.stats.local += 1
             self._write_frame(request.stream, Opcode.ERROR, 0, _unprepared_body(p.query_id))
 
-    def _merge(self, request: Request, p: Merge) -> None:
+    def _start_flight(self, request: Request, p: Merge) -> None:
+        request.check()
         proxy = self._proxy
         flights = proxy.flights
-        stream = request.stream
-        proxy.stats.merged += 1
-        flight = flights.get(p.key)
-        if flight is not None:
-            # Its body equals a checked one but for the timestamp: no check needed.
-            if flights.join(flight, self, stream):
-                self._flights.add(flight)
-                self._accepted()
-            else:
-                self._write_error(stream, ErrorCode.OVERLOADED,
-                                  f"more than {flights.max_waiters} requests wait for this read")
-            return
-        request.check()
         pool = self._pool
         assert pool is not None
         statement = p.statement
@@ -473,12 +480,11 @@ class ClientConnection(asyncio.Protocol):
         node = None if partition is None else proxy.upstream.node_for_token(token_of(partition))
         flight = Flight(flights, p.key, pool, node, request.opcode, request.flags, request.body,
                         statement, p.table, partition)
-        self._flights.add(flight)
-        self._accepted()
-        if not flights.start(flight, self, stream):
-            self._flights.discard(flight)
-            self._answered(1)
-            self._write_error(stream, ErrorCode.OVERLOADED,
+        if flights.start(flight, self, request.stream):
+            self._flights.add(flight)
+            self._accepted()
+        else:
+            self._write_error(request.stream, ErrorCode.OVERLOADED,
                               "the sidecar has too many reads in flight")
 
     def _forward(self, request: Request, p: Forward) -> None:
@@ -526,7 +532,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_options(self, stream: int, flags: int, body: bytes) -> None:
         self._proxy.stats.local += 1
-        self._activity = self._proxy.loop_time()
         self._write_frame(stream, Opcode.SUPPORTED, 0, _SUPPORTED_BODY)
 
     def _on_startup(self, stream: int, flags: int, body: bytes) -> None:
@@ -652,7 +657,8 @@ def _unprepared_body(query_id: bytes) -> bytes:
                  UnpreparedDetails(query_id)).encode()
 
 
-_PLANNED: Final = frozenset({Opcode.QUERY, Opcode.EXECUTE, Opcode.PREPARE, Opcode.BATCH})
+_PLANNED: Final = frozenset(int(op) for op in (Opcode.QUERY, Opcode.EXECUTE, Opcode.PREPARE,
+                                                Opcode.BATCH))
 
 _Handler = Callable[[ClientConnection, int, int, bytes], None]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from coalesce.cql import COMPRESSION, Frame, compress_body
 from coalesce.freshness import FreshnessIndex
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from coalesce.sidecar.connection import Outcome
     from coalesce.sidecar.upstream import Node, Pool
 
-__all__ = ["Answer", "Flight", "Flights", "Waiter"]
+__all__ = ["FULL", "Answer", "Flight", "Flights", "Waiter"]
 
 _RESPONSE_V4: Final = 0x84
 
@@ -156,6 +156,9 @@ class Flight(Exchange):
 
 _QUEUED, _SENT, _DONE = "queued", "sent", "done"
 
+FULL: Final = cast(Flight, object())
+"""What `Flights.join` returns for a flight that has all the waiters it may have."""
+
 
 class Flights:
     """Keys to the `Flight` new requests may join, with the bounds above.
@@ -194,11 +197,18 @@ class Flights:
     def get(self, key: Hashable) -> Flight | None:
         return self._by_key.get(key)
 
-    def join(self, flight: Flight, waiter: Waiter, stream: int) -> bool:
-        """Add `stream` of `waiter` to `flight`; False (nothing changed) if it is full."""
+    def join(self, key: Hashable, waiter: Waiter, stream: int) -> Flight | None:
+        """Add `stream` of `waiter` to the flight of `key` and return that flight.
+
+        None if `key` has no flight (start one); `FULL` (nothing changed) if it has
+        ``max_waiters`` already.
+        """
+        flight = self._by_key.get(key)
+        if flight is None:
+            return None
         if self.max_waiters is not None and flight.count >= self.max_waiters:
             self.stats.shed += 1
-            return False
+            return FULL
         streams = flight.waiters.get(waiter)
         if streams is None:
             flight.waiters[waiter] = [stream]
@@ -206,7 +216,7 @@ class Flights:
             streams.append(stream)
         flight.count += 1
         self.stats.joined += 1
-        return True
+        return flight
 
     def start(self, flight: Flight, waiter: Waiter, stream: int) -> bool:
         """Make `flight` the key's flight with its first waiter, and send it (or queue it).

@@ -26,7 +26,7 @@ from typing import Final
 
 from coalesce.cql import CUSTOM_PAYLOAD, TRACING, CQLProtocolError, Opcode
 from coalesce.cql.classify import StatementInfo, classify
-from coalesce.cql.request import Request
+from coalesce.cql.request import SERIAL_CONSISTENCIES, Request
 from coalesce.sidecar.advertised import CLUSTER_TABLES
 from coalesce.sidecar.statements import KnownStatement, StatementCache
 
@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 _UNMERGEABLE: Final = TRACING | CUSTOM_PAYLOAD
+_QUERY: Final = int(Opcode.QUERY)  # plain ints: IntEnum member lookups are slow
+_EXECUTE: Final = int(Opcode.EXECUTE)
+_PREPARE: Final = int(Opcode.PREPARE)
+_BATCH: Final = int(Opcode.BATCH)
 _ROW_WRITES: Final = frozenset({"insert", "update", "delete"})
 
 
@@ -110,7 +114,7 @@ class Unprepared(Plan):
         return f"Unprepared({self.query_id.hex()})"
 
 
-_PREPARE: Final = Forward(learn=True)
+_LEARN: Final = Forward(learn=True)
 
 
 def plan(request: Request, role: str, keyspace: str | None, statements: StatementCache) -> Plan:
@@ -120,35 +124,44 @@ def plan(request: Request, role: str, keyspace: str | None, statements: Statemen
     `CQLProtocolError` for a body it cannot read.
     """
     opcode = request.opcode
-    statement: KnownStatement | None = None
-    if opcode == Opcode.QUERY:
-        assert request.text is not None
-        info = classify(request.text)
-        resolve = keyspace
-    elif opcode == Opcode.EXECUTE:
-        statement = statements.get(request.query_id)
+    if opcode == _EXECUTE:
+        statement = statements.by_id.get(request.query_id)  # type: ignore[arg-type]
         if statement is None:
             assert request.query_id is not None
             return Unprepared(request.query_id)
-        info = statement.info
-        resolve = statement.keyspace
-    elif opcode == Opcode.PREPARE:
-        return _PREPARE
-    elif opcode == Opcode.BATCH:
-        return _batch(request, keyspace, statements)
-    else:
-        raise CQLProtocolError(f"opcode 0x{opcode:02x} is not a request to plan")
-    kind = info.kind
-    if kind == "select":
-        table = (info.keyspace or resolve, info.table)
-        if table[0] == "system" and info.table in CLUSTER_TABLES:
-            return Forward(statement, rewrite=info.table)
-        if info.coalescable and not request.flags & _UNMERGEABLE and not request.serial:
+        table = statement.merge_table
+        if table is not None:
+            if request.flags & _UNMERGEABLE or request.consistency in SERIAL_CONSISTENCIES:
+                return Forward(statement)
             return Merge((role, keyspace, opcode, request.key_body()), table, statement)
-        return Forward(statement)
-    if kind == "use" and info.keyspace is not None:
-        return Use(info.keyspace)
-    return Forward(statement, writes=info, keyspace=resolve)
+        if statement.rewrite is not None:
+            return Forward(statement, rewrite=statement.rewrite)
+        info = statement.info
+        if info.kind == "use" and info.keyspace is not None:
+            return Use(info.keyspace)
+        if info.kind == "select":
+            return Forward(statement)
+        return Forward(statement, writes=info, keyspace=statement.keyspace)
+    if opcode == _QUERY:
+        assert request.text is not None
+        info = classify(request.text)
+        kind = info.kind
+        if kind == "select":
+            select_table = (info.keyspace or keyspace, info.table)
+            if select_table[0] == "system" and info.table in CLUSTER_TABLES:
+                return Forward(rewrite=info.table)
+            if (info.coalescable and not request.flags & _UNMERGEABLE
+                    and request.consistency not in SERIAL_CONSISTENCIES):
+                return Merge((role, keyspace, opcode, request.key_body()), select_table, None)
+            return Forward()
+        if kind == "use" and info.keyspace is not None:
+            return Use(info.keyspace)
+        return Forward(writes=info, keyspace=keyspace)
+    if opcode == _PREPARE:
+        return _LEARN
+    if opcode == _BATCH:
+        return _batch(request, keyspace, statements)
+    raise CQLProtocolError(f"opcode 0x{opcode:02x} is not a request to plan")
 
 
 def _batch(request: Request, keyspace: str | None, statements: StatementCache) -> Plan:

@@ -69,9 +69,7 @@ class Proxy:
 
     # -- in-flight accounting, for drain --------------------------------------------------
 
-    def request_started(self) -> None:
-        self.in_flight += 1
-        self._idle.clear()
+    # Client connections add to `in_flight` themselves (the herd's path is kept flat).
 
     def requests_finished(self, count: int = 1) -> None:
         self.in_flight -= count
@@ -80,7 +78,9 @@ class Proxy:
 
     async def wait_idle(self) -> None:
         """Return once no client request is waiting for an answer."""
-        await self._idle.wait()
+        while self.in_flight:
+            self._idle.clear()
+            await self._idle.wait()
 
     # -- schema events --------------------------------------------------------------------
 

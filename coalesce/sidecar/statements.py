@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from coalesce.cql import ColumnSpec, CQLProtocolError, ResultPrepared, decode_result
 from coalesce.cql.classify import StatementInfo, classify
+from coalesce.sidecar.advertised import CLUSTER_TABLES
 
 __all__ = ["KnownStatement", "StatementCache"]
 
@@ -40,10 +41,21 @@ class KnownStatement:
     pk_indexes: tuple[int, ...]
     result_columns: tuple[ColumnSpec, ...]
     table: tuple[str | None, str | None] = field(init=False)
+    rewrite: str | None = field(init=False)
+    """``local``, ``peers`` or ``peers_v2``: a SELECT whose answer describes the sidecar."""
+    merge_table: tuple[str | None, str | None] | None = field(init=False)
+    """`table` when its EXECUTEs may share a flight (a plain SELECT), else None."""
 
     def __post_init__(self) -> None:
+        # Derived once: every EXECUTE reads them.
         info = self.info
-        object.__setattr__(self, "table", (info.keyspace or self.keyspace, info.table))
+        table = (info.keyspace or self.keyspace, info.table)
+        rewrite = (info.table if info.kind == "select" and table[0] == "system"
+                   and info.table in CLUSTER_TABLES else None)
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "rewrite", rewrite)
+        object.__setattr__(self, "merge_table",
+                           table if info.coalescable and rewrite is None else None)
 
     @property
     def size(self) -> int:
@@ -57,7 +69,7 @@ class StatementCache:
     Single event loop, no locks.
     """
 
-    __slots__ = ("_by_id", "_bytes", "_max_bytes", "_max_count")
+    __slots__ = ("_bytes", "_max_bytes", "_max_count", "by_id")
 
     def __init__(self, max_count: int = 100_000, max_bytes: int = 64 * 1024 * 1024) -> None:
         if max_count < 1 or max_bytes < 1:
@@ -65,10 +77,10 @@ class StatementCache:
         self._max_count = max_count
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._by_id: OrderedDict[bytes, KnownStatement] = OrderedDict()
+        self.by_id: OrderedDict[bytes, KnownStatement] = OrderedDict()  # read-only outside
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self.by_id)
 
     @property
     def size(self) -> int:
@@ -76,7 +88,7 @@ class StatementCache:
         return self._bytes
 
     def get(self, query_id: bytes | None) -> KnownStatement | None:
-        return self._by_id.get(query_id) if query_id is not None else None
+        return self.by_id.get(query_id) if query_id is not None else None
 
     def learn(self, query: str, keyspace: str | None, result_body: bytes) -> KnownStatement:
         """Record the statement a PREPARED result body describes, and return it.
@@ -94,7 +106,7 @@ class StatementCache:
             pk_indexes=tuple(result.metadata.pk_indexes),
             result_columns=tuple(result.result_metadata.columns),
         )
-        by_id = self._by_id
+        by_id = self.by_id
         old = by_id.pop(statement.query_id, None)
         if old is not None:
             self._bytes -= old.size

@@ -48,7 +48,7 @@ def test_requests_differing_only_in_client_timestamp_have_the_same_key(
         return Query("SELECT * FROM ks.t WHERE k = ?", p).encode()
 
     assert key_body(Opcode.QUERY, body(t1)) == key_body(Opcode.QUERY, body(t2))
-    assert key_body(Opcode.QUERY, body(t1)) == body(None)
+    assert key_body(Opcode.QUERY, body(t1)) == key_body(Opcode.QUERY, body(None))
 
 
 @settings(max_examples=examples(80), deadline=None)
