@@ -34,6 +34,7 @@ __all__ = [
     "metric_sum",
     "sidecar",
     "socat",
+    "tree_cpu_seconds",
 ]
 
 _FLOOR = Path(__file__).with_name("floor_server.py")
@@ -213,6 +214,21 @@ def cpu_seconds(pid: int) -> float:
         with contextlib.suppress(OSError):
             total += int(stat.read_text().split()[0])
     return total / 1e9
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """`cpu_seconds` of `pid` and of its live descendants (socat forks per connection)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += cpu_seconds(current)
+        todo.extend(parents.get(current, []))
+    return total
 
 
 def metric_sum(port: int, name: str, labels: str = "") -> float | None:

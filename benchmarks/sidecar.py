@@ -42,6 +42,7 @@ import contextlib
 import datetime
 import importlib.util
 import json
+import os
 import statistics
 import struct
 import subprocess
@@ -272,10 +273,11 @@ class DistinctResult:
     p50_us_unloaded: float
     p99_us_unloaded: float
     cpu_us_per_read: float | None = None
+    emulator_cpu_us_per_read: float = 0.0
 
 
 async def _distinct(target: str, port: int, flags: int, keys: int, unloaded: int,
-                    concurrency: int, pid: int | None) -> DistinctResult:
+                    concurrency: int, pid: int | None, emulator_pid: int) -> DistinctResult:
     conns = [await _connect(port) for _ in range(_DISTINCT_CONNECTIONS)]
     query_id = await _prepare(conns[0], _READ)
     tails = _tails(Opcode.EXECUTE, _read_bodies(query_id, range(keys)))
@@ -283,13 +285,15 @@ async def _distinct(target: str, port: int, flags: int, keys: int, unloaded: int
     # the emulator's memo of SELECT results in the same (warm) state for them.
     await _closed_loop(conns[:2], tails[:unloaded] * 2, 8, flags)
     _, alone = await _closed_loop(conns[:1], tails[:unloaded], 1, flags)
-    cpu_before = _procs.cpu_seconds(pid) if pid is not None else 0.0
+    cpu_before = _procs.tree_cpu_seconds(pid) if pid is not None else 0.0
+    emulator_before = _procs.cpu_seconds(emulator_pid)
     rps, loaded = await _closed_loop(conns, tails, concurrency, flags)
-    cpu = (_procs.cpu_seconds(pid) - cpu_before) / keys * 1e6 if pid is not None else None
+    emulator = (_procs.cpu_seconds(emulator_pid) - emulator_before) / keys * 1e6
+    cpu = (_procs.tree_cpu_seconds(pid) - cpu_before) / keys * 1e6 if pid is not None else None
     for conn in conns:
         conn.close()
     return DistinctResult(target, rps, _pct_us(loaded, 0.5), _pct_us(loaded, 0.99),
-                          _pct_us(alone, 0.5), _pct_us(alone, 0.99), cpu)
+                          _pct_us(alone, 0.5), _pct_us(alone, 0.99), cpu, emulator)
 
 
 # -- the herd ------------------------------------------------------------------------------
@@ -454,6 +458,18 @@ def _ratios(distinct: list[dict[str, DistinctResult]], herds: list[dict[str, Her
               per_round(lambda r: getattr(r["sidecar-fwd"], rps)
                         / getattr(r["haproxy"], rps), distinct), "x"),
     ]
+    cpu = "cpu_us_per_read"
+    out += [
+        Ratio("distinct: CPU/read merge / forward",
+              per_round(lambda r: getattr(r["sidecar-merge"], cpu)
+                        / getattr(r["sidecar-fwd"], cpu), distinct), "x"),
+        Ratio("distinct: CPU/read forward / socat",
+              per_round(lambda r: getattr(r["sidecar-fwd"], cpu)
+                        / getattr(r["socat"], cpu), distinct), "x"),
+        Ratio("distinct: CPU/read forward / haproxy",
+              per_round(lambda r: getattr(r["sidecar-fwd"], cpu)
+                        / getattr(r["haproxy"], cpu), distinct), "x"),
+    ]
     limit = 60.0 if uvloop else 100.0
     out.append(Ratio("distinct: merge p50 added over direct",
                      per_round(lambda r: getattr(r["sidecar-merge"], p50)
@@ -482,6 +498,7 @@ class Plan:
 async def _run(plan: Plan) -> dict[str, Any]:
     distinct_rounds: list[dict[str, DistinctResult]] = []
     herd_rounds: list[dict[str, HerdResult]] = []
+    load_start = list(os.getloadavg())
     with contextlib.ExitStack() as stack:
         fast = stack.enter_context(_procs.emulator("0"))
         slow = stack.enter_context(_procs.emulator("1ms"))
@@ -499,7 +516,7 @@ async def _run(plan: Plan) -> dict[str, Any]:
 
         # (target, port, frame flags, pid whose CPU is counted)
         targets: list[tuple[str, int, int, int | None]] = [("direct", fast.port, 0, None)]
-        targets += [(r.name, r.port, 0, None) for r in relays if r is not None]
+        targets += [(r.name, r.port, 0, r.pid) for r in relays if r is not None]
         targets.append(("sidecar-merge", side_fast.port, 0, side_fast.pid))
         # TRACING: the emulator ignores it; the sidecar never merges a traced request.
         targets.append(("sidecar-fwd", side_fast.port, TRACING, side_fast.pid))
@@ -521,12 +538,20 @@ async def _run(plan: Plan) -> dict[str, Any]:
         async def nothing() -> float | None:
             return None
 
+        # Every partition once straight at the emulator first, so the first target of
+        # round 1 meets the emulator in the state the later ones do.
+        warm = await _connect(fast.port)
+        query_id = await _prepare(warm, _READ)
+        await _closed_loop([warm], _tails(Opcode.EXECUTE, _read_bodies(query_id,
+                                                                       range(plan.keys))), 64)
+        warm.close()
+
         for round_no in range(plan.rounds):
             shift = round_no % len(targets)
             results: dict[str, DistinctResult] = {}
             for name, port, flags, pid in targets[shift:] + targets[:shift]:
                 results[name] = await _distinct(name, port, flags, plan.keys, plan.unloaded,
-                                                plan.concurrency, pid)
+                                                plan.concurrency, pid, fast.pid)
             distinct_rounds.append(results)
             herds: dict[str, HerdResult] = {}
             order = ["sidecar", "floor"] if round_no % 2 == 0 else ["floor", "sidecar"]
@@ -542,6 +567,7 @@ async def _run(plan: Plan) -> dict[str, Any]:
             print(f"round {round_no + 1}/{plan.rounds} done", file=sys.stderr, flush=True)
     ratios = _ratios(distinct_rounds, herd_rounds, plan.uvloop)
     return {
+        "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "distinct": [{k: asdict(v) for k, v in r.items()} for r in distinct_rounds],
         "herd": [{k: asdict(v) for k, v in r.items()} for r in herd_rounds],
         "ratios": [{"name": r.name, "per_round": r.per_round, "median": r.median,
@@ -557,12 +583,14 @@ def _median(rounds: list[dict[str, dict[str, Any]]], target: str, name: str) -> 
 def _report(results: dict[str, Any], plan: Plan, client_loop: str) -> str:
     loop = "uvloop" if plan.uvloop else "asyncio"
     lines = [f"sidecar and floor on {loop}, load client on {client_loop}; medians of "
-             f"{plan.rounds} interleaved round(s)", ""]
+             f"{plan.rounds} interleaved round(s); load average (1 min) "
+             f"{results['load_average']['start'][0]:.1f} at start, "
+             f"{results['load_average']['end'][0]:.1f} at end on {os.cpu_count()} cores", ""]
     distinct = results["distinct"]
     lines.append(f"distinct reads: {plan.keys:,} partitions, {plan.concurrency} in flight "
                  f"over {_DISTINCT_CONNECTIONS} connections; unloaded = one at a time")
     lines.append(f"{'target':<14} {'req/s':>8} {'p50':>8} {'p99':>8} {'p50 1-by-1':>11} "
-                 f"{'p99 1-by-1':>11} {'CPU/read':>9}")
+                 f"{'p99 1-by-1':>11} {'CPU/read':>9} {'emu CPU':>8}")
     for target in distinct[0]:
         def m(name: str, target: str = target) -> float | None:
             return _median(distinct, target, name)
@@ -572,9 +600,12 @@ def _report(results: dict[str, Any], plan: Plan, client_loop: str) -> str:
             f"{m('p99_us_loaded') or 0:>6.0f}us {m('p50_us_unloaded') or 0:>9.0f}us "
             f"{m('p99_us_unloaded') or 0:>9.0f}us "
             + (f"{cpu:>7.1f}us" if cpu is not None else f"{'':>9}")
+            + f" {m('emulator_cpu_us_per_read') or 0:>6.1f}us"
         )
     lines.append("sidecar-merge: plain prepared reads (the merge path, one flight each); "
                  "sidecar-fwd: the same reads traced (forwarded unmerged)")
+    lines.append("CPU/read: the proxy's user+sys CPU (all its threads and processes) over "
+                 "the loaded run, per read; emu CPU: the emulator's")
     lines.append("")
     herd = results["herd"]
     lines.append(f"herd: {plan.herd:,} identical reads of one partition over "
