@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -259,6 +260,23 @@ async def _load_rows(port: int, keys: int) -> None:
     conn.close()
 
 
+# -- the plan ----------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """How much of everything one run does."""
+
+    keys: int
+    unloaded: int
+    concurrency: int
+    slices: int
+    herd: int
+    rounds: int
+    floor_delay: str
+    uvloop: bool
+
+
 # -- distinct reads ------------------------------------------------------------------------
 
 
@@ -276,24 +294,74 @@ class DistinctResult:
     emulator_cpu_us_per_read: float = 0.0
 
 
-async def _distinct(target: str, port: int, flags: int, keys: int, unloaded: int,
-                    concurrency: int, pid: int | None, emulator_pid: int) -> DistinctResult:
-    conns = [await _connect(port) for _ in range(_DISTINCT_CONNECTIONS)]
-    query_id = await _prepare(conns[0], _READ)
-    tails = _tails(Opcode.EXECUTE, _read_bodies(query_id, range(keys)))
-    # Warm both ends. The unloaded keys are read twice first so that every target meets
-    # the emulator's memo of SELECT results in the same (warm) state for them.
-    await _closed_loop(conns[:2], tails[:unloaded] * 2, 8, flags)
-    _, alone = await _closed_loop(conns[:1], tails[:unloaded], 1, flags)
-    cpu_before = _procs.tree_cpu_seconds(pid) if pid is not None else 0.0
-    emulator_before = _procs.cpu_seconds(emulator_pid)
-    rps, loaded = await _closed_loop(conns, tails, concurrency, flags)
-    emulator = (_procs.cpu_seconds(emulator_pid) - emulator_before) / keys * 1e6
-    cpu = (_procs.tree_cpu_seconds(pid) - cpu_before) / keys * 1e6 if pid is not None else None
-    for conn in conns:
-        conn.close()
-    return DistinctResult(target, rps, _pct_us(loaded, 0.5), _pct_us(loaded, 0.99),
-                          _pct_us(alone, 0.5), _pct_us(alone, 0.99), cpu, emulator)
+@dataclass
+class Target:
+    """Where distinct reads go: a port, the frame flags, whose CPU is charged."""
+
+    name: str
+    port: int
+    flags: int = 0
+    pid: int | None = None
+
+
+async def _distinct_round(targets: list[Target], plan: Plan, emulator_pid: int,
+                          round_no: int) -> dict[str, DistinctResult]:
+    """One round of distinct reads, the targets taking turns at a fine grain.
+
+    Unloaded reads alternate target by target, one read each; the loaded run is cut
+    into `plan.slices` slices, each target running one slice in turn. So every target
+    samples the same moments of the machine's other load, and the ratios of one round
+    compare like with like.
+    """
+    conns: dict[str, list[_Client]] = {}
+    tails: dict[str, list[bytes]] = {}
+    for t in targets:
+        conns[t.name] = [await _connect(t.port) for _ in range(_DISTINCT_CONNECTIONS)]
+        query_id = await _prepare(conns[t.name][0], _READ)
+        tails[t.name] = _tails(Opcode.EXECUTE, _read_bodies(query_id, range(plan.keys)))
+        # Warm both ends. The unloaded keys are read twice, so that every target meets
+        # the emulator's memo of SELECT results in the same (warm) state for them.
+        await _closed_loop(conns[t.name][:2], tails[t.name][:plan.unloaded] * 2, 8, t.flags)
+    n = len(targets)
+
+    alone: dict[str, list[int]] = {t.name: [] for t in targets}
+    for i in range(plan.unloaded):
+        for j in range(n):
+            t = targets[(i + j + round_no) % n]
+            _, latencies = await _closed_loop(conns[t.name][:1], tails[t.name][i:i + 1], 1,
+                                              t.flags)
+            alone[t.name] += latencies
+
+    elapsed = dict.fromkeys(alone, 0.0)
+    cpu = dict.fromkeys(alone, 0.0)
+    emulator = dict.fromkeys(alone, 0.0)
+    loaded: dict[str, list[int]] = {t.name: [] for t in targets}
+    bounds = [plan.keys * k // plan.slices for k in range(plan.slices + 1)]
+    for k in range(plan.slices):
+        for j in range(n):
+            t = targets[(k + j + round_no) % n]
+            part = tails[t.name][bounds[k]:bounds[k + 1]]
+            cpu_before = _procs.tree_cpu_seconds(t.pid) if t.pid is not None else 0.0
+            emulator_before = _procs.cpu_seconds(emulator_pid)
+            rps, latencies = await _closed_loop(conns[t.name], part, plan.concurrency, t.flags)
+            emulator[t.name] += _procs.cpu_seconds(emulator_pid) - emulator_before
+            if t.pid is not None:
+                cpu[t.name] += _procs.tree_cpu_seconds(t.pid) - cpu_before
+            elapsed[t.name] += len(part) / rps
+            loaded[t.name] += latencies
+    for t in targets:
+        for conn in conns[t.name]:
+            conn.close()
+    return {
+        t.name: DistinctResult(
+            t.name, plan.keys / elapsed[t.name],
+            _pct_us(loaded[t.name], 0.5), _pct_us(loaded[t.name], 0.99),
+            _pct_us(alone[t.name], 0.5), _pct_us(alone[t.name], 0.99),
+            cpu[t.name] / plan.keys * 1e6 if t.pid is not None else None,
+            emulator[t.name] / plan.keys * 1e6,
+        )
+        for t in targets
+    }
 
 
 # -- the herd ------------------------------------------------------------------------------
@@ -484,17 +552,6 @@ def _ratios(distinct: list[dict[str, DistinctResult]], herds: list[dict[str, Her
 # -- the run -------------------------------------------------------------------------------
 
 
-@dataclass
-class Plan:
-    keys: int
-    unloaded: int
-    concurrency: int
-    herd: int
-    rounds: int
-    floor_delay: str
-    uvloop: bool
-
-
 async def _run(plan: Plan) -> dict[str, Any]:
     distinct_rounds: list[dict[str, DistinctResult]] = []
     herd_rounds: list[dict[str, HerdResult]] = []
@@ -514,12 +571,11 @@ async def _run(plan: Plan) -> dict[str, Any]:
         side_slow = stack.enter_context(_procs.sidecar(slow.port, plan.uvloop))
         floor = stack.enter_context(_procs.floor(plan.floor_delay, plan.uvloop))
 
-        # (target, port, frame flags, pid whose CPU is counted)
-        targets: list[tuple[str, int, int, int | None]] = [("direct", fast.port, 0, None)]
-        targets += [(r.name, r.port, 0, r.pid) for r in relays if r is not None]
-        targets.append(("sidecar-merge", side_fast.port, 0, side_fast.pid))
+        targets = [Target("direct", fast.port)]
+        targets += [Target(r.name, r.port, 0, r.pid) for r in relays if r is not None]
+        targets.append(Target("sidecar-merge", side_fast.port, 0, side_fast.pid))
         # TRACING: the emulator ignores it; the sidecar never merges a traced request.
-        targets.append(("sidecar-fwd", side_fast.port, TRACING, side_fast.pid))
+        targets.append(Target("sidecar-fwd", side_fast.port, TRACING, side_fast.pid))
 
         async def emulator_selects() -> float | None:
             assert slow.metrics_port is not None
@@ -547,11 +603,14 @@ async def _run(plan: Plan) -> dict[str, Any]:
         warm.close()
 
         for round_no in range(plan.rounds):
-            shift = round_no % len(targets)
-            results: dict[str, DistinctResult] = {}
-            for name, port, flags, pid in targets[shift:] + targets[:shift]:
-                results[name] = await _distinct(name, port, flags, plan.keys, plan.unloaded,
-                                                plan.concurrency, pid, fast.pid)
+            # The client's garbage collector stays out of the timed phases: a full
+            # collection over the precomputed frames is a pause of milliseconds.
+            gc.collect()
+            gc.disable()
+            try:
+                results = await _distinct_round(targets, plan, fast.pid, round_no)
+            finally:
+                gc.enable()
             distinct_rounds.append(results)
             herds: dict[str, HerdResult] = {}
             order = ["sidecar", "floor"] if round_no % 2 == 0 else ["floor", "sidecar"]
@@ -565,8 +624,16 @@ async def _run(plan: Plan) -> dict[str, Any]:
                                               nothing)
             herd_rounds.append(herds)
             print(f"round {round_no + 1}/{plan.rounds} done", file=sys.stderr, flush=True)
+            # What the sidecar says it did with the distinct reads: a check that the
+            # two paths are the ones named (None if a rewrite renamed the metric).
+            assert side_fast.metrics_port is not None
+            paths = {path: _procs.metric_sum(side_fast.metrics_port,
+                                             "coalesce_sidecar_requests_total",
+                                             f'path="{path}"')
+                     for path in ("merged", "forwarded")}
     ratios = _ratios(distinct_rounds, herd_rounds, plan.uvloop)
     return {
+        "sidecar_paths": paths,
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "distinct": [{k: asdict(v) for k, v in r.items()} for r in distinct_rounds],
         "herd": [{k: asdict(v) for k, v in r.items()} for r in herd_rounds],
@@ -604,6 +671,10 @@ def _report(results: dict[str, Any], plan: Plan, client_loop: str) -> str:
         )
     lines.append("sidecar-merge: plain prepared reads (the merge path, one flight each); "
                  "sidecar-fwd: the same reads traced (forwarded unmerged)")
+    paths = results["sidecar_paths"]
+    if None not in paths.values():
+        lines.append(f"the distinct-read sidecar counted {paths['merged']:,.0f} requests "
+                     f"merged, {paths['forwarded']:,.0f} forwarded")
     lines.append("CPU/read: the proxy's user+sys CPU (all its threads and processes) over "
                  "the loaded run, per read; emu CPU: the emulator's")
     lines.append("")
@@ -662,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--quick 300)")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="distinct reads in flight (default 64)")
+    parser.add_argument("--slices", type=int, default=None,
+                        help="slices of the loaded run the targets take turns at "
+                             "(default 4; --quick 2)")
     parser.add_argument("--herd", type=int, default=None,
                         help="identical concurrent reads in the herd (default 10,000)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -683,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     def pick(value: int | None, full: int, quick: int) -> int:
         return value if value is not None else (quick if args.quick else full)
 
-    plan = Plan(keys=pick(args.requests, 20_000, 2_000), unloaded=pick(args.unloaded, 1_000, 300),
-                concurrency=args.concurrency, herd=pick(args.herd, 10_000, 2_000),
+    plan = Plan(keys=pick(args.requests, 20_000, 2_000),
+                unloaded=pick(args.unloaded, 1_000, 300),
+                concurrency=args.concurrency, slices=pick(args.slices, 4, 2),
+                herd=pick(args.herd, 10_000, 2_000),
                 rounds=pick(args.rounds, 3, 1), floor_delay=args.floor_delay,
                 uvloop=args.uvloop)
     client_loop = args.client_loop
