@@ -3,15 +3,18 @@
     python benchmarks/sidecar.py [--uvloop] [--rounds 3] [--quick] [--json PATH]
 
 Every server runs in its own process, started through its command line and observed
-from outside only (its /metrics, /proc/<pid>/stat), so the benchmark keeps working
+from outside only (its /metrics, /proc/<pid>/), so the benchmark keeps working
 whatever the sidecar's internals become; the load comes from a small raw-protocol
 client in this process, the same for every target. ``--uvloop`` runs the sidecar and
 the floor server on uvloop; the client's loop is ``--client-loop`` (uvloop when it is
 installed) in both runs, so the two runs differ in the proxy's loop only.
 
-Two workloads, measured in ``--rounds`` interleaved rounds (target order rotated each
-round), each goal judged on the median over the rounds of a ratio computed within
-one round, since a noisy machine slows every target of a round alike:
+Two workloads, measured in ``--rounds`` rounds; within a round the targets take turns
+(distinct reads: read by read when unloaded, ``--slices`` slices when loaded; herd:
+one herd each, order alternating), and each goal is judged on the median over the
+rounds of a ratio computed within one round, since a noisy machine then slows every
+target of a round alike. Absolute numbers from a shared 2-core machine are not worth
+comparing between runs; the ratios are the result.
 
 - herd: ``--herd`` (10,000) identical prepared reads (EXECUTE) of one partition over
   50 connections, each connection's share in one write, against the sidecar in front
@@ -19,8 +22,9 @@ one round, since a noisy machine slows every target of a round alike:
   (``benchmarks/floor_server.py``: answers a whole batch of reads in one write per
   connection ``--floor-delay`` after the batch's first read, and does nothing else).
   Reported: reads that reached upstream, client p50/p99 (send to answer), the first
-  answer relative to the last request sent, and the server's CPU (user + sys from
-  /proc) per waiter.
+  answer relative to the last request sent, and the server's CPU (user + sys of all
+  its threads, from /proc/<pid>/task/*/schedstat; /proc/<pid>/stat's ticks are kept
+  in the JSON as a check) per waiter.
 - distinct reads: ``--requests`` (20,000) prepared reads of as many different
   partitions (emulator at zero latency), ``--concurrency`` (64) in flight over 4
   connections, for requests/s, and one at a time for unloaded latency, against the
