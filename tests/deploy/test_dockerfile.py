@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -97,6 +98,9 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
         if word == "COPY" and not rest.startswith("--from"):
             copied.update(part.rstrip("/") for part in rest.split()[:-1])
     assert copied == allowed
+    # The build needs what pyproject.toml names besides the package itself.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert {"pyproject.toml", "coalesce", project["readme"], *project["license-files"]} <= copied
 
 
 def _free_port() -> int:
