@@ -64,6 +64,9 @@ class Request:
         "stream", "text",
     )
 
+    text: str | None
+    query_id: bytes | None
+
     def __init__(self, stream: int, opcode: int, flags: int, body: bytes) -> None:
         self.stream = stream
         self.opcode = opcode

@@ -27,6 +27,7 @@ from typing import Final
 from coalesce.cql import CUSTOM_PAYLOAD, TRACING, CQLProtocolError, Opcode
 from coalesce.cql.classify import StatementInfo, classify
 from coalesce.cql.request import SERIAL_CONSISTENCIES, Request
+from coalesce.cql.token import routing_key as compose_key
 from coalesce.sidecar.advertised import CLUSTER_TABLES
 from coalesce.sidecar.statements import KnownStatement, StatementCache
 
@@ -125,7 +126,7 @@ def plan(request: Request, role: str, keyspace: str | None, statements: Statemen
     """
     opcode = request.opcode
     if opcode == _EXECUTE:
-        statement = statements.by_id.get(request.query_id)  # type: ignore[arg-type]
+        statement = statements.by_id.get(request.query_id)
         if statement is None:
             assert request.query_id is not None
             return Unprepared(request.query_id)
@@ -188,31 +189,20 @@ def _batch(request: Request, keyspace: str | None, statements: StatementCache) -
 
 
 def routing_key(values: list[bytes | None], pk_indexes: tuple[int, ...]) -> bytes | None:
-    """The serialized partition key, as Scylla hashes it, or None if a part is missing.
-
-    One component is its value as is; a composite key is each component as a [short]
-    length, the bytes and a zero byte, the layout the drivers hash too.
-    """
+    """The serialized partition key of `values` (as Scylla hashes it), None if a part is
+    missing or too long for a composite key."""
     if not pk_indexes:
         return None
     parts: list[bytes] = []
     for index in pk_indexes:
-        if index >= len(values):
-            return None
-        value = values[index]
+        value = values[index] if index < len(values) else None
         if value is None:
             return None
         parts.append(value)
-    if len(parts) == 1:
-        return parts[0]
-    out = bytearray()
-    for part in parts:
-        if len(part) > 0xFFFF:
-            return None
-        out += len(part).to_bytes(2, "big")
-        out += part
-        out += b"\x00"
-    return bytes(out)
+    try:
+        return compose_key(parts)
+    except ValueError:
+        return None
 
 
 def partition_of(request: Request, statement: KnownStatement | None) -> bytes | None:

@@ -10,15 +10,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Hashable, Iterable
 
-from cassandra.murmur3 import murmur3
+from coalesce.cql.token import murmur3_token as token_of
 
 __all__ = ["Ring", "token_of"]
-
-
-def token_of(routing_key: bytes) -> int:
-    """The Murmur3 token of a serialized partition key, as Scylla computes it."""
-    token: int = murmur3(routing_key)
-    return token
 
 
 class Ring:
