@@ -126,10 +126,11 @@ def plan(request: Request, role: str, keyspace: str | None, statements: Statemen
     """
     opcode = request.opcode
     if opcode == _EXECUTE:
-        statement = statements.by_id.get(request.query_id)
+        query_id = request.query_id
+        assert query_id is not None
+        statement = statements.by_id.get(query_id)
         if statement is None:
-            assert request.query_id is not None
-            return Unprepared(request.query_id)
+            return Unprepared(query_id)
         table = statement.merge_table
         if table is not None:
             if request.flags & _UNMERGEABLE or request.consistency in SERIAL_CONSISTENCIES:
