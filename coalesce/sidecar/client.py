@@ -34,7 +34,9 @@ from typing import Any, Final, cast
 
 from coalesce.cql import (
     COMPRESSION,
+    CUSTOM_PAYLOAD,
     DEFAULT_SUPPORTED,
+    TRACING,
     WARNING,
     AuthResponse,
     CQLProtocolError,
@@ -82,6 +84,12 @@ _HEADER: Final = struct.Struct(">BBhBi")
 _STREAM: Final = struct.Struct(">h")
 _RESPONSE_V4: Final = 0x84
 _COMPRESSION: Final = COMPRESSION
+_UNMERGEABLE: Final = TRACING | CUSTOM_PAYLOAD
+_TIMESTAMP: Final = 0x20  # <query_parameters> flag: the client's default timestamp
+_EXECUTE: Final = int(Opcode.EXECUTE)
+_QUERY: Final = int(Opcode.QUERY)
+_FAST: Final = frozenset({_EXECUTE, _QUERY})
+_FAST_ENTRIES: Final = 64
 _FRAMES_PER_TURN: Final = 128
 _EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
 _SUPPORTED_BODY: Final = Supported(
@@ -181,6 +189,9 @@ class ClientConnection(asyncio.Protocol):
         self._login: LoginRelay | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flights: set[Flight] = set()
+        # Per opcode: key body (minus timestamp) -> the flight this connection planned it
+        # into; valid while that flight is joinable. Cleared on USE (keys hold keyspaces).
+        self._fast: dict[int, dict[bytes, Flight]] = {_EXECUTE: {}, _QUERY: {}}
         self._texts: dict[_Forward, str] = {}  # PREPAREs in flight -> their text
         self._backlog: list[Frame] = []
         self._pending = 0  # requests received and not answered yet
@@ -400,15 +411,32 @@ class ClientConnection(asyncio.Protocol):
                 body = decompress_body(body, max_size=self._max_frame)
                 flags &= ~_COMPRESSION
             if self._state == _READY and opcode in _PLANNED:
+                if opcode in _FAST and not flags & _UNMERGEABLE and len(body) > 13:
+                    # A body identical but for its timestamp to one this connection had
+                    # planned and checked joins that flight without being read again.
+                    at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
+                        4 + int.from_bytes(body[:4], "big", signed=True))
+                    if 11 + at < len(body) and body[at + 2] & _TIMESTAMP:
+                        flight = self._fast[opcode].get(body[:-8])
+                        if flight is not None and flight.joinable:
+                            proxy.stats.merged += 1
+                            if proxy.flights.join_flight(flight, self, stream):
+                                self._flights.add(flight)
+                                self._pending += 1
+                                proxy.in_flight += 1
+                                if self._pending >= self._max_requests:
+                                    self._update_reading()
+                            else:
+                                self._write_error(stream, ErrorCode.OVERLOADED,
+                                                  "too many requests wait for this read")
+                            return
                 request = Request(stream, opcode, flags, body)
                 p = plan(request, self.role, self.keyspace, proxy.statements)
                 if type(p) is Merge:
-                    # The herd's path, kept flat: a joiner's body equals the checked body
-                    # of the flight's first request but for the timestamp.
                     proxy.stats.merged += 1
                     flight = proxy.flights.join(p.key, self, stream)
                     if flight is None:
-                        self._start_flight(request, p)
+                        flight = self._start_flight(request, p)
                     elif flight is not _FULL:
                         self._flights.add(flight)
                         self._pending += 1
@@ -418,6 +446,12 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         self._write_error(stream, ErrorCode.OVERLOADED,
                                           "too many requests wait for this read")
+                    if (flight is not None and flight is not _FULL
+                            and request.query_flags & _TIMESTAMP and opcode in _FAST):
+                        fast = self._fast[opcode]
+                        if len(fast) >= _FAST_ENTRIES:
+                            fast.clear()
+                        fast[body[:-8]] = flight
                 else:
                     self._execute(request, p)
                 return
@@ -469,7 +503,7 @@ class ClientConnection(asyncio.Protocol):
             proxy.stats.local += 1
             self._write_frame(request.stream, Opcode.ERROR, 0, _unprepared_body(p.query_id))
 
-    def _start_flight(self, request: Request, p: Merge) -> None:
+    def _start_flight(self, request: Request, p: Merge) -> Flight | None:
         request.check()
         proxy = self._proxy
         flights = proxy.flights
@@ -483,9 +517,10 @@ class ClientConnection(asyncio.Protocol):
         if flights.start(flight, self, request.stream):
             self._flights.add(flight)
             self._accepted()
-        else:
-            self._write_error(request.stream, ErrorCode.OVERLOADED,
-                              "the sidecar has too many reads in flight")
+            return flight
+        self._write_error(request.stream, ErrorCode.OVERLOADED,
+                          "the sidecar has too many reads in flight")
+        return None
 
     def _forward(self, request: Request, p: Forward) -> None:
         request.check()
@@ -524,6 +559,8 @@ class ClientConnection(asyncio.Protocol):
             return
         old, self._pool = self._pool, pool
         self.keyspace = keyspace
+        for fast in self._fast.values():
+            fast.clear()
         if old is not None:
             upstream.release(old)
         self._write_frame(stream, Opcode.RESULT, 0, ResultSetKeyspace(keyspace).encode())

@@ -87,8 +87,8 @@ class Waiter(Protocol):
 class Flight(Exchange):
     """One merged read: its key, its waiters, and the exchange that answers them all."""
 
-    __slots__ = ("count", "flights", "key", "partition", "started", "state", "table",
-                 "waiters")
+    __slots__ = ("count", "flights", "joinable", "key", "partition", "started", "state",
+                 "table", "waiters")
 
     def __init__(
         self,
@@ -112,6 +112,7 @@ class Flight(Exchange):
         self.count = 0
         self.state = _QUEUED
         self.started = 0.0
+        self.joinable = False  # the key's current flight: new requests may join it
 
     def __repr__(self) -> str:
         return f"<Flight waiters={self.count} state={self.state}>"
@@ -206,9 +207,14 @@ class Flights:
         flight = self._by_key.get(key)
         if flight is None:
             return None
+        return flight if self.join_flight(flight, waiter, stream) else FULL
+
+    def join_flight(self, flight: Flight, waiter: Waiter, stream: int) -> bool:
+        """Add `stream` of `waiter` to `flight` (which must be `joinable`); False (nothing
+        changed) if it has ``max_waiters`` already."""
         if self.max_waiters is not None and flight.count >= self.max_waiters:
             self.stats.shed += 1
-            return FULL
+            return False
         streams = flight.waiters.get(waiter)
         if streams is None:
             flight.waiters[waiter] = [stream]
@@ -216,7 +222,7 @@ class Flights:
             streams.append(stream)
         flight.count += 1
         self.stats.joined += 1
-        return flight
+        return True
 
     def start(self, flight: Flight, waiter: Waiter, stream: int) -> bool:
         """Make `flight` the key's flight with its first waiter, and send it (or queue it).
@@ -230,7 +236,11 @@ class Flights:
         flight.waiters[waiter] = [stream]
         flight.count = 1
         self.stats.started += 1
+        old = self._by_key.get(flight.key)
+        if old is not None:
+            old.joinable = False
         self._by_key[flight.key] = flight
+        flight.joinable = True
         if running:
             self._queue.append(flight)
         else:
@@ -240,9 +250,14 @@ class Flights:
     def forget(self, key: Hashable) -> bool:
         """Later requests for `key` start a new flight; the current one keeps its waiters."""
         flight = self._by_key.pop(key, None)
-        return flight is not None
+        if flight is None:
+            return False
+        flight.joinable = False
+        return True
 
     def forget_all(self) -> None:
+        for flight in self._by_key.values():
+            flight.joinable = False
         self._by_key.clear()
 
     # -- internals ----------------------------------------------------------------------
@@ -256,7 +271,8 @@ class Flights:
 
     def _release(self, flight: Flight) -> None:
         """`flight` leaves the table and gives its slot to the next queued flight."""
-        if self._by_key.get(flight.key) is flight:
+        if flight.joinable:
+            flight.joinable = False
             del self._by_key[flight.key]
         if flight.state == _SENT:
             self.running -= 1
