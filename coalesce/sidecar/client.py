@@ -16,8 +16,10 @@ itself:
 - at most ``max_client_requests`` unanswered requests and ``max_client_buffer``
   unsent answer bytes: past either, the sidecar stops reading from the client until
   it catches up (TCP does the rest);
-- at most 128 frames are taken from the client per loop turn, so answers arriving
-  from Scylla never wait behind a burst of ingest;
+- frames are dispatched within the sidecar's shared ingest budget (`Proxy.take_budget`),
+  the rest wait in this connection's backlog (and reading pauses), so answers
+  arriving from Scylla never wait behind a burst of ingest; a request read before its
+  flight's answer arrived still gets that answer when it is dispatched later;
 - STARTUP to ready within ``handshake_timeout``; a connection quiet for
   ``idle_timeout`` is closed;
 - when the client disconnects, it leaves every flight it waits on (a flight nobody
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
@@ -90,7 +93,6 @@ _EXECUTE: Final = int(Opcode.EXECUTE)
 _QUERY: Final = int(Opcode.QUERY)
 _FAST: Final = frozenset({_EXECUTE, _QUERY})
 _FAST_ENTRIES: Final = 64
-_FRAMES_PER_TURN: Final = 128
 _EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
 _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
@@ -193,7 +195,12 @@ class ClientConnection(asyncio.Protocol):
         # into; valid while that flight is joinable. Cleared on USE (keys hold keyspaces).
         self._fast: dict[int, dict[bytes, Flight]] = {_EXECUTE: {}, _QUERY: {}}
         self._texts: dict[_Forward, str] = {}  # PREPAREs in flight -> their text
-        self._backlog: list[Frame] = []
+        # Frames read but not dispatched yet, with the ingest sequence number of the
+        # read that brought them (see `Proxy.ingest`); `_seq` is that of the frame
+        # being dispatched now.
+        self._backlog: deque[tuple[int, list[Frame]]] = deque()
+        self._seq = 0
+        self.queued = False  # waiting in the proxy's queue for ingest budget
         self._pending = 0  # requests received and not answered yet
         self._write_paused = False
         self._reading = True
@@ -224,7 +231,7 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._backlog = []
+        self._backlog.clear()
         for task in list(self._tasks):
             task.cancel()
         flights, self._flights = self._flights, set()
@@ -262,14 +269,18 @@ class ClientConnection(asyncio.Protocol):
             stream = first_bad_stream(data, self._max_frame) if at_boundary else 0
             self._fatal(stream, exc.message)
             return
+        proxy = self._proxy
+        seq = proxy.ingest_seq = proxy.ingest_seq + 1
         if self._backlog:
-            self._backlog.extend(frames)
+            if frames:
+                self._backlog.append((seq, frames))
             return
-        if len(frames) > _FRAMES_PER_TURN:
-            self._backlog = frames[_FRAMES_PER_TURN:]
-            frames = frames[:_FRAMES_PER_TURN]
+        budget = proxy.take_budget(len(frames))
+        if budget < len(frames):
+            self._backlog.append((seq, frames[budget:]))
+            frames = frames[:budget]
             self._update_reading()
-            asyncio.get_running_loop().call_soon(self._take_backlog)
+        self._seq = seq
         dispatch = self._dispatch
         for frame in frames:
             if self._closed:
@@ -321,6 +332,15 @@ class ClientConnection(asyncio.Protocol):
                 offset += size
         out.put(data)
 
+    def _answer_now(self, stream: int, flight: Flight) -> None:
+        """Answer `stream` from a flight that finished after the request was read."""
+        answer = flight.answer
+        assert answer is not None
+        self._pending += 1
+        self._proxy.in_flight += 1
+        self._flights.add(flight)
+        self.answer(flight, [stream], answer)
+
     def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None:
         self._flights.discard(flight)
         self._answered(len(streams))
@@ -329,23 +349,49 @@ class ClientConnection(asyncio.Protocol):
 
     # -- reading, bounded ----------------------------------------------------------------------
 
-    def _take_backlog(self) -> None:
+    @property
+    def backlog_seq(self) -> int | None:
+        """The ingest sequence number of the oldest frame read but not dispatched."""
+        return self._backlog[0][0] if self._backlog else None
+
+    @property
+    def blocked(self) -> bool:
+        """Over one of its bounds: nothing more is taken from this client for now."""
+        return self._write_paused or self._pending >= self._max_requests
+
+    def take_backlog(self, budget: int) -> int:
+        """Dispatch up to `budget` frames of the backlog; return how many were taken."""
+        self.queued = False
         backlog = self._backlog
-        frames, self._backlog = backlog[:_FRAMES_PER_TURN], backlog[_FRAMES_PER_TURN:]
-        for frame in frames:
-            if self._closed:
-                return
-            self._dispatch(frame)
-        if self._backlog:
-            asyncio.get_running_loop().call_soon(self._take_backlog)
-        else:
-            self._update_reading()
+        taken = 0
+        while backlog and taken < budget and not self._closed and not self.blocked:
+            seq, frames = backlog[0]
+            room = budget - taken
+            if len(frames) > room:
+                backlog[0] = (seq, frames[room:])
+                frames = frames[:room]
+            else:
+                backlog.popleft()
+            taken += len(frames)
+            self._seq = seq
+            for frame in frames:
+                if self._closed:
+                    break
+                self._dispatch(frame)
+        self._update_reading()
+        return taken
 
     def _update_reading(self) -> None:
+        """Read while within bounds and nothing waits in the backlog; keep the backlog
+        queued for the ingest budget while within bounds."""
         transport = self._transport
         if transport is None or self._closed:
             return
-        read = not self._write_paused and not self._backlog and self._pending < self._max_requests
+        blocked = self.blocked
+        if self._backlog and not blocked and not self.queued:
+            self.queued = True
+            self._proxy.defer(self)
+        read = not blocked and not self._backlog
         if read != self._reading:
             self._reading = read
             if read:
@@ -418,7 +464,14 @@ class ClientConnection(asyncio.Protocol):
                         4 + int.from_bytes(body[:4], "big", signed=True))
                     if 11 + at < len(body) and body[at + 2] & _TIMESTAMP:
                         flight = self._fast[opcode].get(body[:-8])
-                        if flight is not None and flight.joinable:
+                        if flight is not None and not flight.joinable:
+                            if flight.settled_seq >= self._seq:  # read before its answer
+                                proxy.stats.merged += 1
+                                proxy.flights.stats.joined += 1
+                                self._answer_now(stream, flight)
+                                return
+                            flight = None
+                        if flight is not None:
                             proxy.stats.merged += 1
                             if proxy.flights.join_flight(flight, self, stream):
                                 self._flights.add(flight)
@@ -434,9 +487,11 @@ class ClientConnection(asyncio.Protocol):
                 p = plan(request, self.role, self.keyspace, proxy.statements)
                 if type(p) is Merge:
                     proxy.stats.merged += 1
-                    flight = proxy.flights.join(p.key, self, stream)
+                    flight = proxy.flights.join(p.key, self, stream, self._seq)
                     if flight is None:
                         flight = self._start_flight(request, p)
+                    elif flight is not _FULL and not flight.joinable:
+                        self._answer_now(stream, flight)
                     elif flight is not _FULL:
                         self._flights.add(flight)
                         self._pending += 1
@@ -465,6 +520,10 @@ class ClientConnection(asyncio.Protocol):
                 self._fatal(stream, exc.message)
             else:
                 self._write_error(stream, exc.code, exc.message)
+        except Exception as exc:  # a bug of ours: this client gets an error, nobody else
+            _log.exception("handling a request failed")
+            self._write_error(stream, ErrorCode.SERVER_ERROR, f"sidecar error: {exc!r}")
+            self.close()
 
     def _unexpected(self, stream: int, opcode: int) -> None:
         if self._state == _REFUSED:

@@ -15,7 +15,11 @@ The contract the sidecar relies on (`SingleFlight`'s, for callbacks):
   at once (the client sees OVERLOADED) and nothing else changes;
 - a connection that closes leaves every flight it waits on; a flight nobody waits for
   is abandoned: out of the table, its slot freed, its late answer dropped;
-- an upstream failure reaches every waiter of the flight at once.
+- an upstream failure reaches every waiter of the flight at once;
+- a request read from its socket before a flight's answer arrived, but dispatched
+  after (it waited in a backlog, see `ClientConnection`), still gets that answer: it
+  was concurrent with the flight. Such answers are kept until no request read before
+  them waits any more, and a write forgets them like any flight.
 
 `len(flights)` counts joinable keys and `running` the flights holding a slot: both are
 zero whenever nothing is in flight. Single event loop.
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
     from coalesce.sidecar.connection import Outcome
     from coalesce.sidecar.upstream import Node, Pool
 
-__all__ = ["FULL", "Answer", "Flight", "Flights", "Waiter"]
+__all__ = ["FULL", "Answer", "Flight", "Flights", "Ingest", "Waiter"]
 
 _RESPONSE_V4: Final = 0x84
 
@@ -76,6 +80,18 @@ class Answer:
         return built
 
 
+class Ingest(Protocol):
+    """How far the sidecar has read from its clients (`Proxy`)."""
+
+    @property
+    def seq(self) -> int:
+        """The number of the latest read from any client."""
+
+    @property
+    def backlogged(self) -> bool:
+        """Some client has frames read but not dispatched."""
+
+
 class Waiter(Protocol):
     """A client connection, as a flight sees it."""
 
@@ -87,8 +103,8 @@ class Waiter(Protocol):
 class Flight(Exchange):
     """One merged read: its key, its waiters, and the exchange that answers them all."""
 
-    __slots__ = ("count", "flights", "joinable", "key", "partition", "started", "state",
-                 "table", "waiters")
+    __slots__ = ("answer", "count", "flights", "joinable", "key", "partition", "settled_seq",
+                 "started", "state", "table", "waiters")
 
     def __init__(
         self,
@@ -113,6 +129,9 @@ class Flight(Exchange):
         self.state = _QUEUED
         self.started = 0.0
         self.joinable = False  # the key's current flight: new requests may join it
+        self.answer: Answer | None = None
+        # Requests read up to this ingest sequence number may still be given `answer`.
+        self.settled_seq = -1
 
     def __repr__(self) -> str:
         return f"<Flight waiters={self.count} state={self.state}>"
@@ -142,7 +161,8 @@ class Flight(Exchange):
             for waiter, streams in waiters.items():
                 waiter.refuse(self, streams, outcome)
         else:
-            answer = Answer(outcome)
+            answer = self.answer = Answer(outcome)
+            flights._settle(self)
             for waiter, streams in waiters.items():
                 waiter.answer(self, streams, answer)
 
@@ -168,8 +188,8 @@ class Flights:
     from the moment it is sent until it ends or is abandoned.
     """
 
-    __slots__ = ("_by_key", "_queue", "freshness", "linger", "max_inflight", "max_queued",
-                 "max_waiters", "running", "stats")
+    __slots__ = ("_by_key", "_queue", "_settled", "freshness", "ingest", "linger",
+                 "max_inflight", "max_queued", "max_waiters", "running", "stats")
 
     def __init__(
         self,
@@ -187,6 +207,9 @@ class Flights:
         self.running = 0
         self._by_key: dict[Hashable, Flight] = {}
         self._queue: deque[Flight] = deque()
+        # Answered flights whose answer requests read before it arrived may still get.
+        self._settled: dict[Hashable, Flight] = {}
+        self.ingest: Ingest | None = None
         self.freshness = FreshnessIndex(self)
 
     def __len__(self) -> int:
@@ -198,14 +221,20 @@ class Flights:
     def get(self, key: Hashable) -> Flight | None:
         return self._by_key.get(key)
 
-    def join(self, key: Hashable, waiter: Waiter, stream: int) -> Flight | None:
+    def join(self, key: Hashable, waiter: Waiter, stream: int, seq: int) -> Flight | None:
         """Add `stream` of `waiter` to the flight of `key` and return that flight.
 
         None if `key` has no flight (start one); `FULL` (nothing changed) if it has
-        ``max_waiters`` already.
+        ``max_waiters`` already. A request read (at ingest sequence number `seq`)
+        before the key's last flight was answered gets that flight back, not joinable,
+        its `answer` set: the caller answers at once.
         """
         flight = self._by_key.get(key)
         if flight is None:
+            settled = self._settled.get(key)
+            if settled is not None and settled.settled_seq >= seq:
+                self.stats.joined += 1
+                return settled
             return None
         return flight if self.join_flight(flight, waiter, stream) else FULL
 
@@ -249,9 +278,12 @@ class Flights:
 
     def forget(self, key: Hashable) -> bool:
         """Later requests for `key` start a new flight; the current one keeps its waiters."""
+        settled = self._settled.pop(key, None)
+        if settled is not None:
+            self._unsettle(settled)
         flight = self._by_key.pop(key, None)
         if flight is None:
-            return False
+            return settled is not None
         flight.joinable = False
         return True
 
@@ -259,8 +291,40 @@ class Flights:
         for flight in self._by_key.values():
             flight.joinable = False
         self._by_key.clear()
+        self.drop_settled(None)
+
+    @property
+    def settled(self) -> int:
+        """Answered flights still kept for requests read before their answer."""
+        return len(self._settled)
+
+    def drop_settled(self, oldest: int | None) -> None:
+        """Forget answers no request read at or after ingest sequence `oldest` may get
+        (None: every one)."""
+        if not self._settled:
+            return
+        for key, flight in list(self._settled.items()):
+            if oldest is None or flight.settled_seq < oldest:
+                del self._settled[key]
+                self._unsettle(flight)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _settle(self, flight: Flight) -> None:
+        """`flight` was answered: requests already read but not dispatched may share it."""
+        ingest = self.ingest
+        if ingest is None or not ingest.backlogged:
+            return
+        old = self._settled.pop(flight.key, None)
+        if old is not None:
+            self._unsettle(old)
+        flight.settled_seq = ingest.seq
+        self._settled[flight.key] = flight
+        self.freshness.track(flight.key, flight.table, flight.partition)
+
+    def _unsettle(self, flight: Flight) -> None:
+        flight.settled_seq = -1
+        self.freshness.untrack(flight.key, flight.table, flight.partition)
 
     def _send(self, flight: Flight) -> None:
         self.running += 1

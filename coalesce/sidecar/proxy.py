@@ -2,14 +2,23 @@
 
 `Proxy` owns the in-flight table of merged reads (with its read-after-write index),
 the statements prepared through the sidecar, the identity the sidecar presents, the
-clients listening for schema events, and the count of requests waiting for an answer
-(for drain). Single event loop.
+clients listening for schema events, the count of requests waiting for an answer (for
+drain), and the ingest budget.
+
+The ingest budget keeps answers from waiting behind ingest. Client connections
+dispatch at most ``INGEST_BUDGET`` frames between two budget refills; a connection
+that has more keeps them in its backlog (and stops reading) until the next refill.
+A refill happens two loop turns after the budget was first drawn on, so every
+upstream socket that became readable in between is served first: a herd's answer
+leaves soon after Scylla sends it, however many requests are still being read.
+Single event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +31,13 @@ from coalesce.sidecar.statements import StatementCache
 from coalesce.sidecar.stats import SidecarStats
 from coalesce.sidecar.upstream import Upstream
 
-__all__ = ["EventListener", "Proxy"]
+if TYPE_CHECKING:
+    from coalesce.sidecar.client import ClientConnection
+
+__all__ = ["INGEST_BUDGET", "EventListener", "Proxy"]
+
+INGEST_BUDGET: Final = 256
+"""Frames all client connections together dispatch between two refills."""
 
 _SCHEMA_CHANGE_PREFIX: Final = b"\x00\x0dSCHEMA_CHANGE"
 
@@ -63,9 +78,56 @@ class Proxy:
         self.statements = StatementCache(config.prepared_cache, config.prepared_cache_bytes)
         self.listeners: set[EventListener] = set()
         self.in_flight = 0
-        self.loop_time = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        self.loop_time = loop.time
+        self._call_soon: Callable[..., object] = loop.call_soon
         self._idle = asyncio.Event()
         self._idle.set()
+        self.ingest_seq = 0  # reads from clients so far (the Ingest protocol's `seq`)
+        self._budget = INGEST_BUDGET
+        self._refill_due = False
+        self._deferred: list[ClientConnection] = []
+        self.flights.ingest = self
+
+    # -- the ingest budget ----------------------------------------------------------------
+
+    @property
+    def seq(self) -> int:
+        return self.ingest_seq
+
+    @property
+    def backlogged(self) -> bool:
+        return bool(self._deferred)
+
+    def take_budget(self, frames: int) -> int:
+        """How many of `frames` a connection may dispatch now (it keeps the rest)."""
+        budget = self._budget
+        taken = frames if frames <= budget else budget
+        self._budget = budget - taken
+        if not self._refill_due:
+            self._refill_due = True
+            self._call_soon(self._call_soon, self._refill)
+        return taken
+
+    def defer(self, client: ClientConnection) -> None:
+        """`client` has a backlog: it is served from the next refills, in turn."""
+        self._deferred.append(client)
+        if not self._refill_due:
+            self._refill_due = True
+            self._call_soon(self._call_soon, self._refill)
+
+    def _refill(self) -> None:
+        self._refill_due = False
+        self._budget = INGEST_BUDGET
+        deferred = self._deferred
+        while deferred and self._budget > 0:
+            client = deferred.pop(0)  # take_backlog queues it again if it has more
+            self._budget -= client.take_backlog(self._budget)
+        oldest = min((c.backlog_seq or 0 for c in deferred), default=None)
+        self.flights.drop_settled(oldest)
+        if (self._budget < INGEST_BUDGET or deferred) and not self._refill_due:
+            self._refill_due = True
+            self._call_soon(self._call_soon, self._refill)
 
     # -- in-flight accounting, for drain --------------------------------------------------
 

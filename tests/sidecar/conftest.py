@@ -40,7 +40,7 @@ async def eventually(predicate: Callable[[], object], timeout: float = BOUND) ->
 
 
 def _settled(group: Flights) -> bool:
-    return not len(group) and not group.running
+    return not len(group) and not group.running and not group.settled
 
 
 class SidecarThread:
@@ -210,6 +210,7 @@ async def loop_stack() -> AsyncIterator[Callable[..., Coroutine[Any, Any, LoopSt
                 await eventually(partial(_settled, group))
             assert len(stack.sidecar.flights) == 0, "the sidecar left keys in flight"
             assert stack.sidecar.flights.running == 0, "the sidecar left upstream calls running"
+            assert stack.sidecar.flights.settled == 0, "the sidecar kept answers it no longer needs"
         finally:
             await stack.sidecar.stop()
             await stack.emulator.aclose()
