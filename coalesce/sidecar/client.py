@@ -458,12 +458,13 @@ class ClientConnection(asyncio.Protocol):
                 flags &= ~_COMPRESSION
             if self._state == _READY and opcode in _PLANNED:
                 if opcode in _FAST and not flags & _UNMERGEABLE and len(body) > 13:
-                    # A body identical but for its timestamp to one this connection had
+                    # A body identical (but for its timestamp) to one this connection
                     # planned and checked joins that flight without being read again.
                     at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
                         4 + int.from_bytes(body[:4], "big", signed=True))
-                    if 11 + at < len(body) and body[at + 2] & _TIMESTAMP:
-                        flight = self._fast[opcode].get(body[:-8])
+                    if 2 + at < len(body):
+                        flight = self._fast[opcode].get(
+                            body[:-8] if body[at + 2] & _TIMESTAMP else body)
                         if flight is not None and not flight.joinable:
                             if flight.settled_seq >= self._seq:  # read before its answer
                                 proxy.stats.merged += 1
@@ -501,12 +502,11 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         self._write_error(stream, ErrorCode.OVERLOADED,
                                           "too many requests wait for this read")
-                    if (flight is not None and flight is not _FULL
-                            and request.query_flags & _TIMESTAMP and opcode in _FAST):
+                    if flight is not None and flight is not _FULL and opcode in _FAST:
                         fast = self._fast[opcode]
                         if len(fast) >= _FAST_ENTRIES:
                             fast.clear()
-                        fast[body[:-8]] = flight
+                        fast[body[:-8] if request.query_flags & _TIMESTAMP else body] = flight
                 else:
                     self._execute(request, p)
                 return
