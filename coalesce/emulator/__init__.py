@@ -25,7 +25,7 @@ from coalesce.emulator.errors import (
     Unprepared,
 )
 from coalesce.emulator.metrics import STATEMENT_KINDS
-from coalesce.emulator.server import ReadHold
+from coalesce.emulator.server import ConnectionInfo, ReadHold
 from coalesce.emulator.shards import ShardModel, shard_of
 from coalesce.emulator.thread import EmulatorThread
 
@@ -35,6 +35,7 @@ __all__ = [
     "AlreadyExists",
     "BadCredentials",
     "ConfigurationError",
+    "ConnectionInfo",
     "CqlRequestError",
     "CqlSyntaxError",
     "Emulator",
