@@ -9,6 +9,12 @@ test_emulator_node_driver.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +22,7 @@ from hypothesis import strategies as st
 
 from coalesce.cql.frame import Opcode, encode_frame
 from coalesce.cql.messages import Query, QueryParameters, Supported
-from coalesce.emulator import Emulator, EmulatorConfig, ShardModel, shard_of
+from coalesce.emulator import Emulator, EmulatorConfig, EmulatorThread, ShardModel, shard_of
 from coalesce.emulator.command import config_from_args, configure_parser
 from coalesce.emulator.shard_awareness import ShardAssigner, placement, sharding_options
 from coalesce.emulator.shards import IGNORE_MSB_BITS, PARTITIONER, SHARDING_ALGORITHM
@@ -242,3 +248,52 @@ async def test_a_wrong_shard_read_is_answered_after_a_local_read_sent_later() ->
         first = await conn.read_frame()
         assert first is not None and first.stream == 2
         assert emu.wrong_shard_requests == 1
+
+
+def test_emulator_thread_exposes_the_shard_aware_port_and_connections() -> None:
+    with EmulatorThread(shards=SHARDS, shard_aware=True) as emu:
+        assert emu.shard_aware_port not in (None, 0, emu.port)
+        assert emu.connections() == [] and emu.connections_by_shard() == [0] * SHARDS
+        assert emu.wrong_shard_requests == 0
+    with EmulatorThread(shards=SHARDS) as plain:
+        assert plain.shard_aware_port is None
+
+
+def test_the_command_prints_and_serves_its_shard_aware_port() -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coalesce.emulator.command",
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-aware",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        line = ""
+        while "listening on" not in line:
+            line = process.stdout.readline()
+            assert line, "the emulator exited before listening"
+        match = re.search(r"shard-aware port (\d+)", line)
+        assert match, line
+        port = int(match.group(1))
+
+        async def ask() -> dict[str, list[str]]:
+            async with await RawConnection.open("127.0.0.1", port) as conn:
+                return await _supported(conn)
+
+        options = asyncio.run(ask())
+        assert options["SCYLLA_SHARD_AWARE_PORT"] == [str(port)]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
