@@ -8,9 +8,10 @@ latency model, metrics, CQL server -- and owns their lifecycle::
         ...
         emu.statements["select"], emu.shard_queue_depths()
 
-Every client connection belongs to one shard, and a request whose
-partitions live on another shard pays `cross_shard_latency` and is counted
-in `emu.wrong_shard_requests`. With `shard_aware=True` the node also looks
+Every client connection belongs to one shard. A request's work on any
+other shard starts `cross_shard_latency` late (the hop Scylla makes
+between cores), and a request whose partitions all live on one other
+shard is counted in `emu.wrong_shard_requests`. With `shard_aware=True` the node also looks
 like Scylla to Scylla's drivers: SUPPORTED carries Scylla's sharding keys
 (SCYLLA_SHARD, SCYLLA_NR_SHARDS, ...) and a second, shard-aware port
 (`emu.shard_aware_port`) puts each connection on shard `client port %
@@ -67,8 +68,8 @@ class EmulatorConfig:
     `read_latency`". `metrics` is an optional (host, port) to serve the
     Prometheus registry on. `shard_aware` advertises Scylla's sharding in
     SUPPORTED; `shard_aware_port` is the shard-aware port to listen on with
-    it (0: any free port; None: none). `cross_shard_latency` is what a
-    request pays for each hop to a shard other than its connection's.
+    it (0: any free port; None: none). `cross_shard_latency` is how late a
+    request's work starts on a shard other than its connection's.
     """
 
     host: str = "127.0.0.1"
