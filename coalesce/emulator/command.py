@@ -134,7 +134,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
-    """Map parsed flags onto an `EmulatorConfig`."""
+    """Map parsed flags onto an `EmulatorConfig`; ValueError for contradictory flags."""
+    if args.shard_aware_port != 0 and not args.shard_aware:
+        raise ValueError("--shard-aware-port needs --shard-aware")
     host, port = args.listen
     return EmulatorConfig(
         host=host,

@@ -119,6 +119,8 @@ def test_cli_flags_map_onto_the_shard_aware_settings() -> None:
     assert config.cross_shard_latency == pytest.approx(50e-6)
     with pytest.raises(SystemExit):
         parser.parse_args(["--shard-aware-port", "70000"])
+    with pytest.raises(ValueError, match="needs --shard-aware"):
+        config_from_args(parser.parse_args(["--shard-aware-port", "19042"]))
 
 
 # ------------------------------------------------------------ over TCP
