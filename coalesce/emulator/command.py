@@ -3,6 +3,13 @@
     coalesce emulator --listen 127.0.0.1:9042 [--shards N] [--read-latency 1ms]
                       [--write-latency 1ms] [--per-row 2us]
                       [--metrics 127.0.0.1:9100] [--auth]
+                      [--shard-aware [--shard-aware-port PORT|none]]
+                      [--cross-shard-latency 20us]
+
+`--shard-aware` makes the node look like Scylla to Scylla's drivers
+(sharding keys in SUPPORTED, a shard-aware port; see
+`coalesce.emulator.shard_awareness`); the port is printed at start-up and
+drivers learn it from SUPPORTED, so the default, any free port, is enough.
 
 Durations accept `s`, `ms`, `us` (or `µs`) and `ns` suffixes (`1ms`,
 `250us`, `0.5s`; a bare number is seconds). Bad values are reported by
@@ -28,6 +35,7 @@ __all__ = [
     "configure_parser",
     "parse_address",
     "parse_duration",
+    "parse_port_or_none",
     "run",
 ]
 
@@ -39,6 +47,19 @@ BANNER = (
 def parse_address(text: str) -> tuple[str, int]:
     """`"127.0.0.1:9042"` -> ("127.0.0.1", 9042); `[::1]:9042` for IPv6."""
     return _units.parse_address(text, default_port=None)
+
+
+def parse_port_or_none(text: str) -> int | None:
+    """`"19042"` -> 19042, `"0"` -> 0 (any free port), `"none"` -> None (no port)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise _units.BadValue(f"not a port: {text!r} (a number, 0, or none)") from None
+    if not 0 <= port <= 65535:
+        raise _units.BadValue(f"port out of range: {port}")
+    return port
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -87,10 +108,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="require PasswordAuthenticator login (superuser cassandra/cassandra)",
     )
+    parser.add_argument(
+        "--shard-aware",
+        action="store_true",
+        help="look like Scylla to shard-aware drivers (scylla-driver, acsylla): advertise "
+        "SCYLLA_SHARD, SCYLLA_NR_SHARDS, ... in SUPPORTED and listen on a shard-aware port "
+        "where a connection from client port P belongs to shard P %% shards",
+    )
+    parser.add_argument(
+        "--shard-aware-port",
+        type=parse_port_or_none,
+        default=0,
+        metavar="PORT",
+        help="the shard-aware port with --shard-aware (default 0: any free port, printed at "
+        "start-up and advertised in SUPPORTED; none: advertise sharding without it)",
+    )
+    parser.add_argument(
+        "--cross-shard-latency",
+        type=parse_duration,
+        default=20e-6,
+        metavar="DURATION",
+        help="extra time a request pays when its partitions live on another shard than its "
+        "connection's (default 20us)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
-    """Map parsed flags onto an `EmulatorConfig`."""
+    """Map parsed flags onto an `EmulatorConfig`; ValueError for contradictory flags."""
+    if args.shard_aware_port != 0 and not args.shard_aware:
+        raise ValueError("--shard-aware-port needs --shard-aware")
     host, port = args.listen
     return EmulatorConfig(
         host=host,
@@ -101,6 +147,9 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         per_row=args.per_row,
         auth=args.auth,
         metrics=args.metrics,
+        shard_aware=args.shard_aware,
+        shard_aware_port=args.shard_aware_port,
+        cross_shard_latency=args.cross_shard_latency,
     )
 
 
@@ -114,6 +163,11 @@ async def _serve(config: EmulatorConfig) -> None:
         print(BANNER, flush=True)
         print(
             f"listening on {emulator.host}:{emulator.port} with {config.shards} shards"
+            + (
+                f", shard-aware port {emulator.shard_aware_port}"
+                if emulator.shard_aware_port is not None
+                else ""
+            )
             + (
                 f", metrics on {config.metrics[0]}:{emulator.metrics_port}"
                 if config.metrics

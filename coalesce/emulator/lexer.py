@@ -27,6 +27,7 @@ class TokenKind(enum.Enum):
     FLOAT = "float"
     UUID = "uuid"
     BLOB = "blob"
+    DURATION = "duration"
     PUNCT = "punctuation"
     EOF = "end of input"
 
@@ -53,6 +54,11 @@ _PATTERNS: list[tuple[TokenKind | None, str]] = [
         r"(?![0-9a-zA-Z_])",
     ),
     (TokenKind.BLOB, r"0[xX][0-9a-fA-F]*(?![0-9a-zA-Z_])"),
+    # CQL's unit form of a duration literal (`2000ms`, `1h30m`): Scylla's `USING TIMEOUT`.
+    (
+        TokenKind.DURATION,
+        r"(?i:(?:\d+(?:mo|ms|us|µs|ns|y|w|d|h|m|s))+)(?![0-9a-zA-Z_])",
+    ),
     (TokenKind.FLOAT, r"(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)(?![0-9a-zA-Z_])"),
     (TokenKind.INTEGER, r"\d+(?![0-9a-zA-Z_])"),
     (TokenKind.IDENT, r"[a-zA-Z][a-zA-Z0-9_]*"),

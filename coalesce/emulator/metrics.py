@@ -7,6 +7,14 @@ never mix their numbers. `statements` is a plain dict readable at any time
 `coalesce_emulator_statements_total{kind=...}` and the live shard queue
 depths as `coalesce_emulator_shard_queue_depth{shard=...}`.
 
+Requests that touch partitions are also counted by where they landed
+(see `coalesce.emulator.shard_awareness.placement`): `shard_requests[s]`
+counts those that arrived on a connection of shard `s`
+(`coalesce_emulator_shard_requests_total{shard=...}`), and
+`wrong_shard_requests` those whose partitions all live on one shard other
+than their connection's (`coalesce_emulator_wrong_shard_requests_total`):
+zero for a shard-aware driver sending token-aware requests.
+
 `serve_http(host, port)` exposes the registry on a loopback HTTP endpoint
 from a daemon thread; `close()` shuts it down.
 """
@@ -21,6 +29,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from coalesce.emulator.shard_awareness import Placement
 
 __all__ = ["STATEMENT_KINDS", "EmulatorMetrics"]
 
@@ -49,7 +59,7 @@ class EmulatorMetrics:
     `statements` from another thread is safe (single dict item reads).
     """
 
-    def __init__(self, queue_depths: Callable[[], list[int]]) -> None:
+    def __init__(self, queue_depths: Callable[[], list[int]], shards: int) -> None:
         self.registry = CollectorRegistry()
         self.statements: dict[str, int] = dict.fromkeys(STATEMENT_KINDS, 0)
         self._counter = Counter(
@@ -60,6 +70,20 @@ class EmulatorMetrics:
         )
         self._children = {kind: self._counter.labels(kind=kind) for kind in STATEMENT_KINDS}
         self.registry.register(_QueueDepthCollector(queue_depths))
+        self.shard_requests = [0] * shards
+        self.wrong_shard_requests = 0
+        shard_counter = Counter(
+            "coalesce_emulator_shard_requests",
+            "Requests touching partitions, by the shard of the connection they arrived on.",
+            ["shard"],
+            registry=self.registry,
+        )
+        self._shard_children = [shard_counter.labels(shard=str(s)) for s in range(shards)]
+        self._wrong_shard = Counter(
+            "coalesce_emulator_wrong_shard_requests",
+            "Requests whose partitions all live on one shard other than their connection's.",
+            registry=self.registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
 
@@ -71,6 +95,14 @@ class EmulatorMetrics:
             child.inc(n)
         if self._waiters:
             self._wake()
+
+    def count_placement(self, shard: int, where: Placement) -> None:
+        """Record a request that touched partitions, on a connection of `shard`."""
+        self.shard_requests[shard] += 1
+        self._shard_children[shard].inc()
+        if where == "wrong":
+            self.wrong_shard_requests += 1
+            self._wrong_shard.inc()
 
     async def wait_for(self, kind: str, count: int) -> None:
         """Return once at least `count` statements of `kind` have been executed.

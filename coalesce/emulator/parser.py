@@ -443,10 +443,24 @@ class _Parser:
                 ttl = self._term()
             elif self._accept_kw("timestamp"):
                 timestamp = self._term()
+            elif self._accept_kw("timeout"):
+                self._timeout()
             else:
-                self._fail("TTL or TIMESTAMP")
+                self._fail("TTL, TIMESTAMP or TIMEOUT")
             if not self._accept_kw("and"):
                 return ttl, timestamp
+
+    def _timeout(self) -> None:
+        """Scylla's `USING TIMEOUT <duration>`: checked, then ignored (nothing times out here)."""
+        token = self._peek()
+        if token.kind is TokenKind.DURATION:
+            self._i += 1
+            return
+        if self._is_punct("?") or self._is_punct(":"):
+            raise InvalidRequest(
+                "USING TIMEOUT with a bind marker is not supported by the coalesce emulator"
+            )
+        self._fail("a duration")
 
     def _insert(self) -> Insert:
         self._expect_kw("insert", "into")
@@ -579,6 +593,12 @@ class _Parser:
         if self._accept_kw("limit"):
             limit = self._term()
         allow_filtering = self._accept_kw("allow", "filtering")
+        # Scylla's extensions, accepted and ignored: the emulator has no cache to
+        # bypass and never times a request out.
+        self._accept_kw("bypass", "cache")
+        if self._accept_kw("using"):
+            self._expect_kw("timeout")
+            self._timeout()
         return Select(
             table,
             tuple(selectors),

@@ -10,6 +10,14 @@ tables and DDL, otherwise at the reserved completion time via
 concurrently, under their own stream ids, in completion order, without a
 task per request.
 
+Each connection belongs to one shard, chosen when it is accepted (see
+`coalesce.emulator.shard_awareness`): by the client's port on the
+shard-aware listener (`shard_aware_protocol`), in turn on the ordinary one
+(`protocol`). With `shard_aware=True` its SUPPORTED reply carries Scylla's
+sharding keys for that shard. Parts of a request on other shards than the
+connection's start `LatencyModel.cross_shard` late, and every request
+touching partitions is counted by placement in the metrics.
+
 Failure contract, per connection:
 - a request that fails (syntax, unknown table, bad value, UNPREPARED ...)
   gets an ERROR frame on its stream; the connection carries on;
@@ -80,9 +88,10 @@ from coalesce.emulator.errors import (
 )
 from coalesce.emulator.executor import ExecutionOptions, Executor, Outcome, Session
 from coalesce.emulator.metrics import EmulatorMetrics
+from coalesce.emulator.shard_awareness import ShardAssigner, placement, sharding_options
 from coalesce.emulator.shards import Reservation, ShardModel, shard_of
 
-__all__ = ["CqlServer", "LatencyModel"]
+__all__ = ["ConnectionInfo", "CqlServer", "LatencyModel"]
 
 _log = logging.getLogger(__name__)
 _SUPPORTED_VERSIONS = (3, 4)
@@ -107,12 +116,15 @@ class LatencyModel:
     """Service times in seconds.
 
     `read` per read request per shard touched, `per_row` per row read,
-    `write` per partition written.
+    `write` per partition written, `cross_shard` the delay before a part
+    of a request reaches a shard other than its connection's (it occupies
+    no shard's queue).
     """
 
     read: float = 0.001
     write: float = 0.001
     per_row: float = 2e-6
+    cross_shard: float = 0.0
 
 
 class ReadHold:
@@ -148,7 +160,9 @@ class CqlServer:
     """Serves CQL connections for one emulator; see the module docstring.
 
     Must be used from a single event loop. `close_connections()` drops every
-    client (pending responses are discarded).
+    client (pending responses are discarded). `shard_aware_port` is the
+    port advertised in SCYLLA_SHARD_AWARE_PORT (None: not advertised); the
+    emulator sets it once that listener is bound.
     """
 
     def __init__(
@@ -160,6 +174,7 @@ class CqlServer:
         *,
         auth: bool,
         max_frame: int,
+        shard_aware: bool = False,
     ) -> None:
         self.executor = executor
         self.shards = shards
@@ -167,16 +182,37 @@ class CqlServer:
         self.latency = latency
         self.auth = auth
         self.max_frame = max_frame
+        self.shard_aware = shard_aware
+        self.shard_aware_port: int | None = None
         self.hold: ReadHold | None = None
+        self._assigner = ShardAssigner(shards.shards)
         self._connections: set[_Connection] = set()
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def connections(self) -> list[ConnectionInfo]:
+        """The open client connections, ordered by (shard, client port)."""
+        return sorted(connection.info for connection in self._connections)
+
     def protocol(self) -> asyncio.Protocol:
-        """A new connection handler (the `protocol_factory` of `loop.create_server`)."""
-        return _Connection(self)
+        """A handler for the ordinary CQL port: shards are handed out in turn."""
+        return _Connection(self, shard_aware_port=False)
+
+    def shard_aware_protocol(self) -> asyncio.Protocol:
+        """A handler for the shard-aware port: the client's port picks the shard."""
+        return _Connection(self, shard_aware_port=True)
+
+    def supported(self, shard: int) -> dict[str, list[str]]:
+        """The SUPPORTED options for a connection that belongs to `shard`."""
+        options = dict(DEFAULT_SUPPORTED)
+        if self.shard_aware:
+            options.update(sharding_options(shard, self.shards.shards, self.shard_aware_port))
+        return options
+
+    def assign_shard(self, client_port: int, *, shard_aware_port: bool) -> int:
+        return self._assigner.assign(client_port, shard_aware_port=shard_aware_port)
 
     def close_connections(self) -> None:
         """Abort every client connection at once; unsent responses are dropped."""
@@ -217,9 +253,21 @@ class CqlServer:
         self._connections.discard(connection)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class ConnectionInfo:
+    """One open client connection: its shard, the client's port, which listener took it."""
+
+    shard: int
+    client_port: int
+    shard_aware_port: bool
+
+
 class _Connection(asyncio.Protocol):
-    def __init__(self, server: CqlServer) -> None:
+    def __init__(self, server: CqlServer, *, shard_aware_port: bool) -> None:
         self._server = server
+        self._shard_aware_port = shard_aware_port
+        self.shard = 0
+        self.info = ConnectionInfo(0, 0, shard_aware_port)
         self._transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(server.max_frame)
         self._loop = asyncio.get_running_loop()
@@ -242,6 +290,12 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport: no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        client_port = peer[1] if isinstance(peer, tuple) and len(peer) >= 2 else 0
+        self.shard = self._server.assign_shard(
+            int(client_port), shard_aware_port=self._shard_aware_port
+        )
+        self.info = ConnectionInfo(self.shard, int(client_port), self._shard_aware_port)
         self._server._opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -403,7 +457,8 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, opcode: int, body: bytes, stream: int) -> None:
         server = self._server
         if opcode == Opcode.OPTIONS:
-            self.send(Opcode.SUPPORTED, Supported(dict(DEFAULT_SUPPORTED)).encode(), stream=stream)
+            supported = Supported(server.supported(self.shard))
+            self.send(Opcode.SUPPORTED, supported.encode(), stream=stream)
             return
         if opcode == Opcode.STARTUP:
             startup = Startup.decode(body)
@@ -472,28 +527,33 @@ class _Connection(asyncio.Protocol):
                 self.session,
                 ExecutionOptions(timestamp=batch.timestamp),
             )
+        costs = server.costs(outcome)
+        where = placement([shard for shard, _ in costs], self.shard)
+        if where is not None:
+            server.metrics.count_placement(self.shard, where)
         server.metrics.count(outcome.kind)
         if outcome.schema_change is not None:
             server.push_schema_change(outcome.schema_change)
-        self._respond(outcome, stream)
+        self._respond(outcome, costs, stream)
 
-    def _respond(self, outcome: Outcome, stream: int) -> None:
+    def _respond(self, outcome: Outcome, costs: list[tuple[int, float]], stream: int) -> None:
         hold = self._server.hold
         if hold is not None and hold.open and (outcome.reads or outcome.scan):
-            hold.keep(lambda: self._respond_now(outcome, stream))
+            hold.keep(lambda: self._respond_now(outcome, costs, stream))
             return
-        self._respond_now(outcome, stream)
+        self._respond_now(outcome, costs, stream)
 
-    def _respond_now(self, outcome: Outcome, stream: int) -> None:
+    def _respond_now(self, outcome: Outcome, costs: list[tuple[int, float]], stream: int) -> None:
         if self._closed:
             return
         body = outcome.encoded()
-        costs = self._server.costs(outcome)
         if not costs:
             self.send(Opcode.RESULT, body, stream=stream)
             return
         shards = self._server.shards
-        reservation = shards.reserve(self._loop.time(), costs)
+        reservation = shards.reserve(
+            self._loop.time(), costs, home=self.shard, hop=self._server.latency.cross_shard
+        )
         self._loop.call_at(
             reservation.done, self._send_later, reservation, Opcode.RESULT, body, stream
         )

@@ -9,11 +9,18 @@ answers at that time (`loop.call_at`) or awaits `serve`. Reserving is
 O(1) per shard, requests on one shard complete strictly in reservation
 (FIFO) order, and requests on different shards overlap freely.
 
-Shard choice follows Scylla's own formula (with its default
-`murmur3_partitioner_ignore_msb_bits = 12`): the token is biased into the
-unsigned range, its top 12 bits dropped, and the remaining 64-bit fraction
-scaled to `shards`. Neighbouring tokens therefore land on the same shard,
-as on a real node.
+Shard choice follows Scylla's "biased-token-round-robin" sharding
+algorithm (with its default `murmur3_partitioner_ignore_msb_bits = 12`):
+the token is biased into the unsigned range, its top `ignore_msb` bits
+dropped, and the remaining 64-bit fraction scaled to `shards`. Neighbouring
+tokens therefore land on the same shard, as on a real node, and a
+shard-aware driver that reads these parameters from SUPPORTED (see
+`coalesce.emulator.shard_awareness`) computes the same shard for a token.
+
+A request served on a shard other than the one its connection belongs to
+is forwarded there first, as Scylla forwards it between cores: `reserve`
+starts such parts `hop` seconds late (the cross-shard hop), without the
+hop occupying either shard's queue.
 """
 
 from __future__ import annotations
@@ -22,16 +29,36 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Reservation", "ShardModel", "shard_of"]
+__all__ = [
+    "IGNORE_MSB_BITS",
+    "PARTITIONER",
+    "SHARDING_ALGORITHM",
+    "Reservation",
+    "ShardModel",
+    "shard_of",
+]
+
+PARTITIONER = "org.apache.cassandra.dht.Murmur3Partitioner"
+"""The only partitioner the emulator has (and the one `shard_of` is defined for)."""
+
+SHARDING_ALGORITHM = "biased-token-round-robin"
+"""Scylla's name for the token -> shard mapping that `shard_of` implements."""
+
+IGNORE_MSB_BITS = 12
+"""Scylla's default `murmur3_partitioner_ignore_msb_bits`, which the emulator uses."""
 
 _MASK64 = (1 << 64) - 1
-_IGNORE_MSB_BITS = 12
 
 
-def shard_of(token: int, shards: int) -> int:
-    """The shard (0 <= shard < shards) that owns a Murmur3 `token`, as Scylla computes it."""
+def shard_of(token: int, shards: int, ignore_msb: int = IGNORE_MSB_BITS) -> int:
+    """The shard (0 <= shard < shards) that owns a Murmur3 `token`, as Scylla computes it.
+
+    Biased-token-round-robin: shift the signed token into [0, 2**64), drop its
+    top `ignore_msb` bits, and scale what is left, read as a fraction of
+    2**64, to `shards`.
+    """
     biased = (token + (1 << 63)) & _MASK64
-    biased = (biased << _IGNORE_MSB_BITS) & _MASK64
+    biased = (biased << ignore_msb) & _MASK64
     return (biased * shards) >> 64
 
 
@@ -68,21 +95,35 @@ class ShardModel:
         """`queue_depth` of every shard, indexed by shard."""
         return list(self._depth)
 
-    def reserve(self, now: float, costs: Iterable[tuple[int, float]]) -> Reservation:
+    def reserve(
+        self,
+        now: float,
+        costs: Iterable[tuple[int, float]],
+        *,
+        home: int | None = None,
+        hop: float = 0.0,
+    ) -> Reservation:
         """Queue `cost` seconds of work on each `(shard, cost)` behind what is already there.
 
         Returns when the last part finishes (`now` if nothing costs
         anything). Multi-partition requests (IN queries, batches, scans)
         pass one pair per shard: each shard does its part in its own queue
         and the request completes with the slowest part.
+
+        `home` is the shard of the connection the request arrived on: a
+        part on any other shard arrives there `hop` seconds after `now`
+        and queues from then on (a zero-cost remote part still delays the
+        completion by `hop`). With `home=None` no part is remote.
         """
         done = now
         shards: list[int] = []
         busy = self._busy_until
         for shard, cost in costs:
+            start = now if home is None or shard == home else now + hop
             if cost <= 0:
+                done = max(done, start)
                 continue
-            finish = max(now, busy[shard]) + cost
+            finish = max(start, busy[shard]) + cost
             busy[shard] = finish
             done = max(done, finish)
             self._depth[shard] += 1

@@ -11,7 +11,8 @@ error); `__exit__` stops it, closes its loop and joins the thread, leaving
 no socket or thread behind. `call(fn, *args)` runs `fn` on the emulator's
 loop and returns its result, which is how to use anything that is not
 thread-safe (`forget_prepared`, `stop`, ...). Reading `statements`,
-`host` and `port` from the caller's thread is safe.
+`host`, `port`, `shard_aware_port` and `wrong_shard_requests` from the
+caller's thread is safe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from coalesce.emulator.emulator import DEFAULT_MAX_FRAME, Emulator, EmulatorConfig
+from coalesce.emulator.server import ConnectionInfo
 
 __all__ = ["EmulatorThread"]
 
@@ -45,10 +47,24 @@ class EmulatorThread:
         auth: bool = False,
         max_frame: int = DEFAULT_MAX_FRAME,
         metrics: tuple[str, int] | None = None,
+        shard_aware: bool = False,
+        shard_aware_port: int | None = 0,
+        cross_shard_latency: float = 20e-6,
     ) -> None:
         # Validate now, in the caller's thread, rather than inside the loop thread.
         self.config = EmulatorConfig(
-            host, port, shards, read_latency, write_latency, per_row, auth, max_frame, metrics
+            host=host,
+            port=port,
+            shards=shards,
+            read_latency=read_latency,
+            write_latency=write_latency,
+            per_row=per_row,
+            auth=auth,
+            max_frame=max_frame,
+            metrics=metrics,
+            shard_aware=shard_aware,
+            shard_aware_port=shard_aware_port,
+            cross_shard_latency=cross_shard_latency,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -70,8 +86,16 @@ class EmulatorThread:
         return self.emulator.port
 
     @property
+    def shard_aware_port(self) -> int | None:
+        return self.emulator.shard_aware_port
+
+    @property
     def statements(self) -> dict[str, int]:
         return self.emulator.statements
+
+    @property
+    def wrong_shard_requests(self) -> int:
+        return self.emulator.wrong_shard_requests
 
     @property
     def registry(self) -> object:
@@ -140,6 +164,12 @@ class EmulatorThread:
 
     def shard_queue_depths(self) -> list[int]:
         return self.call(self.emulator.shard_queue_depths)
+
+    def connections(self) -> list[ConnectionInfo]:
+        return self.call(self.emulator.connections)
+
+    def connections_by_shard(self) -> list[int]:
+        return self.call(self.emulator.connections_by_shard)
 
     def close(self) -> None:
         """Stop the emulator and join the thread (idempotent)."""

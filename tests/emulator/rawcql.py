@@ -27,9 +27,15 @@ class RawConnection:
         self._frames: list[Frame] = []
 
     @classmethod
-    async def open(cls, host: str, port: int) -> RawConnection:
-        reader, writer = await asyncio.open_connection(host, port)
+    async def open(
+        cls, host: str, port: int, *, local_addr: tuple[str, int] | None = None
+    ) -> RawConnection:
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
         return cls(reader, writer)
+
+    @property
+    def local_port(self) -> int:
+        return int(self.writer.get_extra_info("sockname")[1])
 
     async def send_raw(self, data: bytes) -> None:
         self.writer.write(data)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import acsylla
@@ -154,3 +157,97 @@ async def test_acsylla_metadata_sees_the_table(session: Any) -> None:
     assert kinds["channel_id"] == ("partition_key", 0, "none")
     assert kinds["bucket"] == ("partition_key", 1, "none")
     assert kinds["message_id"] == ("clustering", 0, "desc")
+
+
+# ------------------------------------------------------------ shard awareness
+
+SHARDS = 4
+
+
+def _local_ports_outside_the_ephemeral_range() -> tuple[int, int]:
+    """Where acsylla may bind its shard-aware connections without meeting TIME_WAIT.
+
+    acsylla's default, 49152-65535, overlaps Linux's ephemeral range: a port some
+    other socket left in TIME_WAIT fails the connection ("address already in use")
+    and can fail the whole session. Above the ephemeral range only acsylla binds.
+    """
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        high = 60999
+    if 65535 - high < 256:
+        pytest.skip(f"no room above the ephemeral port range (ends at {high})")
+    return high + 1, 65535
+
+
+async def _wait_for_shard_aware_connections(emu: Emulator) -> None:
+    """Poll (bounded) until every shard has a connection made through the shard-aware port."""
+    deadline = time.monotonic() + 20.0
+    while {c.shard for c in emu.connections() if c.shard_aware_port} != set(range(SHARDS)):
+        if time.monotonic() > deadline:
+            pytest.fail(f"acsylla did not reach every shard: {emu.connections()}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def shard_aware() -> AsyncIterator[tuple[Emulator, Any]]:
+    """A shard-aware emulator and an acsylla session whose pool has reached every shard.
+
+    The emulator is closed first: its connections are reset, so no client port is
+    left in TIME_WAIT for the next test's acsylla to trip over.
+    """
+    low, high = _local_ports_outside_the_ephemeral_range()
+    emu = Emulator(shards=SHARDS, read_latency=0.0, per_row=0.0, shard_aware=True)
+    await emu.start()
+    cluster = acsylla.create_cluster(
+        [emu.host],
+        port=emu.port,
+        log_level="error",
+        connect_timeout=5,
+        request_timeout=10,
+        local_port_range_min=low,
+        local_port_range_max=high,
+    )
+    session = await cluster.create_session()
+    try:
+        await run(
+            session,
+            "CREATE KEYSPACE ks WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        )
+        await run(session, "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)")
+        await _wait_for_shard_aware_connections(emu)
+        yield emu, session
+    finally:
+        await emu.aclose()
+        await session.close()
+
+
+async def test_acsylla_opens_a_connection_per_shard_through_the_shard_aware_port(
+    shard_aware: tuple[Emulator, Any],
+) -> None:
+    emu, _ = shard_aware
+    aware = [c for c in emu.connections() if c.shard_aware_port]
+    assert sorted(c.shard for c in aware) == list(range(SHARDS))
+    assert all(c.client_port % SHARDS == c.shard for c in aware)
+
+
+async def test_acsylla_sends_each_prepared_request_to_its_partitions_shard(
+    shard_aware: tuple[Emulator, Any],
+) -> None:
+    emu, session = shard_aware
+    insert = await session.create_prepared("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+    select = await session.create_prepared("SELECT v FROM ks.kv WHERE k = ?")
+    keys = range(200)
+    for key in keys:
+        statement = insert.bind()
+        statement.bind_list([key, f"v{key}"])
+        await session.execute(statement)
+    for key in keys:
+        statement = select.bind()
+        statement.bind_list([key])
+        rows = [row.as_dict()["v"] for row in await session.execute(statement)]
+        assert rows == [f"v{key}"]
+    assert sum(emu.metrics.shard_requests) == 2 * len(keys)
+    assert all(n > 0 for n in emu.metrics.shard_requests), emu.metrics.shard_requests
+    assert emu.wrong_shard_requests == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import importlib.util
 import ipaddress
 import uuid
 from collections.abc import Iterator
@@ -375,3 +376,33 @@ def test_protocol_v3_clients_are_served(emulator_thread: EmulatorThread) -> None
         assert cluster.protocol_version == 3
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.parametrize("reactor_name", sorted(REACTORS))
+def test_a_driver_without_shard_awareness_ignores_scyllas_keys_and_pays_the_hops(
+    reactor_name: str,
+) -> None:
+    if importlib.util.find_spec("cassandra.shard_info") is not None:
+        pytest.skip("scylla-driver reads the keys: see test_emulator_scylla_driver.py")
+    with EmulatorThread(shards=4, read_latency=0.0, per_row=0.0, shard_aware=True) as emu:
+        cluster = connect(CqlTarget(((emu.host, emu.port),), emu), reactor_name)
+        try:
+            session = cluster.connect()
+            session.execute(
+                "CREATE KEYSPACE ks WITH replication = "
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+            )
+            session.execute("CREATE TABLE ks.kv (k int PRIMARY KEY, v text)")
+            insert = session.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+            select = session.prepare("SELECT v FROM ks.kv WHERE k = ?")
+            for key in range(40):
+                session.execute(insert, (key, str(key)))
+            assert [session.execute(select, (k,)).one().v for k in range(40)] == [
+                str(k) for k in range(40)
+            ]
+        finally:
+            cluster.shutdown()
+        # cassandra-driver never opens the shard-aware port; its one pool connection
+        # sits on one shard, so the other shards' partitions cost a hop each.
+        assert not any(c.shard_aware_port for c in emu.connections())
+        assert emu.wrong_shard_requests > 0

@@ -177,6 +177,53 @@ def test_roles_and_grants() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "without"),
+    [
+        # What scylla-driver sends once a node advertises Scylla's sharding.
+        (
+            "SELECT * FROM system.local WHERE key='local' USING TIMEOUT 2000ms",
+            "SELECT * FROM system.local WHERE key='local'",
+        ),
+        (
+            "SELECT * FROM t WHERE k = 1 LIMIT 5 ALLOW FILTERING BYPASS CACHE USING TIMEOUT 1h30m",
+            "SELECT * FROM t WHERE k = 1 LIMIT 5 ALLOW FILTERING",
+        ),
+        ("SELECT * FROM t BYPASS CACHE", "SELECT * FROM t"),
+        (
+            "INSERT INTO t (k) VALUES (1) USING TTL 5 AND TIMEOUT 10s",
+            "INSERT INTO t (k) VALUES (1) USING TTL 5",
+        ),
+        (
+            "UPDATE t USING TIMEOUT 500us SET v = 1 WHERE k = 1",
+            "UPDATE t SET v = 1 WHERE k = 1",
+        ),
+        ("DELETE FROM t USING TIMEOUT 1S WHERE k = 1", "DELETE FROM t WHERE k = 1"),
+        (
+            "BEGIN BATCH USING TIMEOUT 2ms INSERT INTO t (k) VALUES (1) APPLY BATCH",
+            "BEGIN BATCH INSERT INTO t (k) VALUES (1) APPLY BATCH",
+        ),
+    ],
+)
+def test_scyllas_using_timeout_and_bypass_cache_are_accepted_and_ignored(
+    text: str, without: str
+) -> None:
+    assert parse(text) == parse(without)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("SELECT * FROM t USING TIMEOUT 5", CqlSyntaxError),
+        ("SELECT * FROM t USING TTL 5", CqlSyntaxError),
+        ("SELECT * FROM t USING TIMEOUT ?", InvalidRequest),
+    ],
+)
+def test_using_timeout_wants_a_duration_literal(text: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse(text)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("SELEC * FROM t", "line 1:0 no viable alternative at input 'SELEC'"),
