@@ -148,10 +148,17 @@ async def _herd(
     cpu, wall = time.process_time(), time.perf_counter()
     gate.set()
     done = asyncio.gather(*tasks)
-    while progress is not None and not done.done():
-        progress(mode, len(latencies), config.callers)
-        await asyncio.wait([done], timeout=0.2)
-    await done
+    try:
+        while progress is not None and not done.done():
+            progress(mode, len(latencies), config.callers)
+            await asyncio.wait([done], timeout=0.2)
+        await done
+    except asyncio.CancelledError:
+        # Interrupted (Ctrl-C): the callers end with the run. Their gathering future then
+        # holds a CancelledError; mark it retrieved so asyncio does not log it at exit.
+        done.cancel()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
     if progress is not None:
         progress(mode, len(latencies), config.callers)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
