@@ -5,6 +5,10 @@
 on `SidecarConfig`; every one can also come from a ``COALESCE_SIDECAR_<NAME>``
 environment variable or a TOML file (``--config``); see `SidecarConfig.from_sources`
 for the precedence.
+
+Logs go to stderr as text or JSON lines (``--log-format``), through `RepeatLimiter`, so
+a storm of one message (say, accept() failing with "Too many open files") writes a few
+lines and a count instead of megabytes.
 """
 
 from __future__ import annotations
@@ -12,17 +16,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
+import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
-from typing import Any
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from coalesce.sidecar.config import ENV_PREFIX, SETTINGS, SidecarConfig
 from coalesce.sidecar.errors import ConfigError
 
-__all__ = ["configure_parser", "run"]
+__all__ = ["JsonFormatter", "RepeatLimiter", "configure_parser", "log_handler", "run"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -59,18 +69,28 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"coalesce sidecar: {exc}", file=sys.stderr)
         return 2
+    handler = log_handler(config.log_format)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(config.log_level.upper())
     gc.set_threshold(config.gc_threshold, *gc.get_threshold()[1:])
-    main = _serve(config)
-    if config.uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            print("coalesce sidecar: --uvloop needs uvloop: pip install 'coalesce[uvloop]'",
-                  file=sys.stderr)
-            main.close()
-            return 2
-        return int(uvloop.run(main))
-    return asyncio.run(main)
+    try:
+        main = _serve(config)
+        if config.uvloop:
+            try:
+                import uvloop
+            except ImportError:
+                print("coalesce sidecar: --uvloop needs uvloop: pip install 'coalesce[uvloop]'",
+                      file=sys.stderr)
+                main.close()
+                return 2
+            return int(uvloop.run(main))
+        return asyncio.run(main)
+    finally:
+        for limiter in handler.filters:
+            if isinstance(limiter, RepeatLimiter):
+                limiter.flush()
+        root.removeHandler(handler)
 
 
 def _check_resolvable(config: SidecarConfig, origins: dict[str, str]) -> None:
@@ -128,3 +148,114 @@ def _serve(config: SidecarConfig) -> Coroutine[Any, Any, int]:
                 loop.remove_signal_handler(signum)
 
     return serve()
+
+
+# -- logging ------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, plus ``exception`` (the formatted traceback) and ``stack`` when present.
+    Newlines inside values are escaped, so one record is always one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class RepeatLimiter(logging.Filter):
+    """Let through at most `burst` records per (logger, message template) per `interval`.
+
+    The template is the record's unformatted message, so ``log.warning("accept failed:
+    %s", exc)`` is one key whatever `exc` says. Records past the burst are dropped and
+    counted; the count is logged (at the dropped records' level, by their logger) when
+    the key's next window opens, or by `flush` -- so a storm costs `burst` lines and a
+    count per interval. At most `max_keys` keys are tracked (the oldest is reported and
+    forgotten first). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        burst: int = 10,
+        interval: float = 60.0,
+        *,
+        max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> [window start, records let through, records dropped, level]
+        self._windows: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "repeats_suppressed", None) is not None:
+            return True  # our own count: at most one per key and window
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        reports: list[tuple[tuple[str, str], int, int]] = []
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None or now - window[0] >= self.interval:
+                if window is not None and window[2]:
+                    reports.append((key, window[2], window[3]))
+                self._windows[key] = [now, 1, 0, record.levelno]
+                self._windows.move_to_end(key)
+                while len(self._windows) > self.max_keys:
+                    old, (_, _, dropped, level) = self._windows.popitem(last=False)
+                    if dropped:
+                        reports.append((old, dropped, level))
+                allow = True
+            elif window[1] < self.burst:
+                window[1] += 1
+                allow = True
+            else:
+                window[2] += 1
+                allow = False
+        for old_key, dropped, level in reports:
+            self._report(old_key, dropped, level)
+        return allow
+
+    def flush(self) -> None:
+        """Log the count of every key with records dropped in its current window."""
+        with self._lock:
+            reports = [(key, w[2], w[3]) for key, w in self._windows.items() if w[2]]
+            for window in self._windows.values():
+                window[2] = 0
+        for key, dropped, level in reports:
+            self._report(key, dropped, level)
+
+    def _report(self, key: tuple[str, str], dropped: int, level: int) -> None:
+        name, template = key
+        logging.getLogger(name).log(
+            level, "%d more records like this were suppressed (at most %d per %gs): %s",
+            dropped, self.burst, self.interval, template,
+            extra={"repeats_suppressed": dropped},
+        )
+
+
+def log_handler(fmt: str = "text", stream: IO[str] | None = None) -> logging.Handler:
+    """A stderr (or `stream`) handler writing `fmt` (``text`` or ``json``) lines,
+    with a `RepeatLimiter` in front."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatLimiter())
+    return handler
