@@ -52,7 +52,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help=f"TOML file with sidecar settings (or {ENV_PREFIX}CONFIG)")
     for setting in SETTINGS:
-        text = f"{setting.help} (default: {setting.describe_default()})".replace("%", "%%")
+        limits = setting.describe_limits()
+        text = f"{setting.help} (default: {setting.describe_default()}"
+        text = (text + (f"; {limits})" if limits else ")")).replace("%", "%%")
         if setting.is_bool:
             parser.add_argument(setting.flag, action=argparse.BooleanOptionalAction,
                                 default=None, help=text)

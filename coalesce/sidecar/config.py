@@ -149,7 +149,9 @@ def _check_seconds(value: Any) -> str | None:
 
 
 def _show_seconds(value: float) -> str:
-    if 0 < abs(value) < 1:
+    if value == 0:
+        return "0"
+    if abs(value) < 1:
         return f"{value * 1e3:g}ms"
     return f"{value:g}s"
 
@@ -216,9 +218,9 @@ def _check_file(value: Any) -> str | None:
 
 
 def _optional(kind: _Kind, off: str) -> _Kind:
-    """`kind`, or None written as `off` (or ``none``, ``no``, an empty string)."""
+    """`kind`, or None written as `off` (or ``off``, ``none``, ``no``, an empty string)."""
     return _Kind(
-        parse=lambda raw: None if _is_off(raw) else kind.parse(raw),
+        parse=lambda raw: None if _is_off(raw) or raw == off else kind.parse(raw),
         show=lambda value: off if value is None else kind.show(value),
         metavar=kind.metavar,
         check=lambda value: None if value is None else kind.check(value),
@@ -327,6 +329,17 @@ class Setting:
         if self.above is not None and value <= self.above:
             return f"must be > {show(self.above)}, got {show(value)}"
         return None
+
+    def describe_limits(self) -> str:
+        """The allowed range, as help text shows it (``"1..64"``, ``">= 64KiB"``), or ""."""
+        show = self.kind.show
+        if self.low is not None and self.high is not None:
+            return f"{show(self.low)}..{show(self.high)}"
+        if self.low is not None:
+            return f">= {show(self.low)}"
+        if self.above is not None:
+            return f"> {show(self.above)}"
+        return ""
 
     def describe_default(self) -> str:
         if self.default_text is not None:

@@ -63,7 +63,7 @@ def test_top_level_toml_keys_work_too(tmp_path: Path) -> None:
         (("--upstream", "h", "--upstream-ca", "missing-ca.pem"), {},
          "--upstream-ca: no such file: 'missing-ca.pem'"),
         (("--upstream", "h", "--request-timeout", "0"), {},
-         "--request-timeout: must be > 0s, got 0s"),
+         "--request-timeout: must be > 0, got 0"),
         (("--upstream", "h"), {"COALESCE_SIDECAR_IDLE_TIMEOUT": "-1s"},
          "COALESCE_SIDECAR_IDLE_TIMEOUT: invalid duration"),
         (("--upstream", "h", "--max-client-buffer", "16K"), {},
@@ -160,6 +160,7 @@ def test_new_settings_parse_from_flags_environment_and_toml(tmp_path: Path) -> N
         'gc_freeze = false\nprepared_cache_bytes = 131072\nheartbeat_timeout = 2.5\n'
     )
     environ = {
+        "COALESCE_SIDECAR_MAX_WAITERS": "unlimited",
         "COALESCE_SIDECAR_MAX_CONNECTIONS": "10_000",
         "COALESCE_SIDECAR_LOG_FORMAT": "JSON",
         "COALESCE_SIDECAR_HANDSHAKE_TIMEOUT": "1500ms",
@@ -175,6 +176,7 @@ def test_new_settings_parse_from_flags_environment_and_toml(tmp_path: Path) -> N
     assert config.prepared_cache_bytes == 128 * 1024
     assert config.heartbeat_timeout == 2.5
     assert config.max_connections == 10_000
+    assert config.max_waiters is None
     assert config.log_format == "json"
     assert config.handshake_timeout == 1.5
     assert config.max_client_requests == 16
@@ -193,10 +195,24 @@ def test_every_setting_has_one_flag_one_variable_and_one_toml_key() -> None:
         assert setting.key == setting.name
         assert setting.flag in flags
         assert setting.help
-    help_text = parser.format_help()
-    assert "--max-client-buffer SIZE" in help_text
-    assert "(default: 4MiB)" in help_text
+    help_text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "--max-client-buffer SIZE unsent answer bytes" in help_text
+    assert "(default: 4MiB; >= 64KiB)" in help_text
+    assert "(default: 2; 1..64)" in help_text
     assert "--no-gc-freeze" in help_text
+
+
+def test_the_readme_lists_every_setting_with_its_default() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in readme.splitlines()
+            if line.startswith("| `")}
+    for setting in SETTINGS:
+        row = rows.get(f"`{setting.name}`")
+        assert row is not None, f"README has no row for {setting.name}"
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert cells[1].startswith(f"`{setting.flag}`")
+        assert cells[2] == setting.describe_default()
+        assert cells[3] == setting.describe_limits()
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
