@@ -7,6 +7,7 @@ every test waits for its own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -183,3 +184,27 @@ def test_ctrl_c_during_a_run_cancels_cleanly_with_one_line_and_status_130(
     assert proc.returncode == 130
     assert stderr == "coalesce bench herd: interrupted\n"
     assert stdout == ""
+
+
+def test_sidecar_logs_json_lines_from_start_to_drain(tmp_path: Path) -> None:
+    # Scylla down is fine: the sidecar listens and keeps reconnecting in the background.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coalesce", "sidecar", "--upstream", _DOWN, "--listen",
+         "127.0.0.1:0", "--metrics", "off", "--log-format", "json"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        records = [json.loads(proc.stderr.readline())]  # every line is one JSON object
+        while not records[-1]["message"].startswith("listening on 127.0.0.1:"):
+            records.append(json.loads(proc.stderr.readline()))
+        assert records[-1]["level"] == "INFO"
+        assert records[-1]["logger"] == "coalesce.sidecar"
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=_WAIT)
+        assert proc.returncode == 0
+        assert "draining" in [json.loads(line)["message"] for line in rest.splitlines()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -6,9 +6,10 @@ on `SidecarConfig`; every one can also come from a ``COALESCE_SIDECAR_<NAME>``
 environment variable or a TOML file (``--config``); see `SidecarConfig.from_sources`
 for the precedence.
 
-Logs go to stderr as text or JSON lines (``--log-format``), through `RepeatLimiter`, so
-a storm of one message (say, accept() failing with "Too many open files") writes a few
-lines and a count instead of megabytes.
+Bad settings are one plain line on stderr. Once the settings are read, everything else
+(listening, draining, errors) is logged to stderr as text or JSON lines
+(``--log-format``), through `RepeatLimiter`, so a storm of one message (say, accept()
+failing with "Too many open files") writes a few lines and a count, not megabytes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from coalesce.sidecar.config import ENV_PREFIX, SETTINGS, SidecarConfig
 from coalesce.sidecar.errors import ConfigError
 
 __all__ = ["JsonFormatter", "RepeatLimiter", "configure_parser", "log_handler", "run"]
+
+_log = logging.getLogger("coalesce.sidecar")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +130,7 @@ def _serve(config: SidecarConfig) -> Coroutine[Any, Any, int]:
                 await sidecar.start()
             except (ConfigError, OSError) as exc:
                 await sidecar.stop()
-                print(f"coalesce sidecar: cannot start: {exc}", file=sys.stderr)
+                _log.error("cannot start: %s", exc)
                 return 2
             if config.gc_freeze:
                 # What start() built lives as long as the process: keep the collector off it.
@@ -136,14 +139,13 @@ def _serve(config: SidecarConfig) -> Coroutine[Any, Any, int]:
             upstream = ", ".join(f"{h}:{p}" for h, p in config.upstream)
             metrics = (f", metrics on {config.metrics[0]}:{sidecar.metrics_port}"
                        if config.metrics is not None else "")
-            print(f"coalesce sidecar: listening on {sidecar.host}:{sidecar.port}, "
-                  f"upstream {upstream}{metrics}", file=sys.stderr, flush=True)
+            _log.info("listening on %s:%s, upstream %s%s",
+                      sidecar.host, sidecar.port, upstream, metrics)
             await stop.wait()
-            print("coalesce sidecar: draining", file=sys.stderr, flush=True)
+            _log.info("draining")
             drained = await sidecar.drain()
             if not drained:
-                print("coalesce sidecar: drain timed out; requests were dropped",
-                      file=sys.stderr)
+                _log.warning("drain timed out; requests were dropped")
             return 0
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
