@@ -34,6 +34,7 @@ from .frame import (
     compress_body,
     decompress_body,
     encode_frame,
+    first_bad_stream,
 )
 from .handshake import (
     DEFAULT_SUPPORTED,
@@ -197,6 +198,7 @@ __all__ = [
     "encode_frame",
     "encode_message",
     "encode_rows_body",
+    "first_bad_stream",
     "join_extras",
     "negotiate_compression",
     "parse_type",

@@ -31,6 +31,7 @@ __all__ = [
     "compress_body",
     "decompress_body",
     "encode_frame",
+    "first_bad_stream",
 ]
 
 
@@ -240,6 +241,21 @@ def encode_frame(
     except struct.error as exc:
         raise ValueError(f"cannot encode frame header: {exc}") from None
     return header + body
+
+
+def first_bad_stream(data: bytes, max_body: int) -> int:
+    """The stream of the first invalid header in `data` (which starts at a frame), or 0.
+
+    For addressing the PROTOCOL_ERROR sent before closing a connection whose bytes
+    `FrameDecoder` refused.
+    """
+    offset = 0
+    while offset + 9 <= len(data):
+        version, _, stream, opcode, length = _HEADER.unpack_from(data, offset)
+        if (version & 0x7F) != 4 or opcode not in _VALID_OPCODES or not 0 <= length <= max_body:
+            return int(stream)
+        offset += 9 + length
+    return 0
 
 
 def compress_body(body: bytes) -> bytes:

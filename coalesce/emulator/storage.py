@@ -4,8 +4,8 @@ Cells hold Python values (as the codec's `CqlType.deserialize` returns
 them). A partition is found by its *routing key* -- the partition key
 serialized exactly as Cassandra does before hashing (one component: the
 value bytes; several: each as a 2-byte length, the bytes and a 0x00) -- and
-carries its Murmur3 `token`, computed with cassandra-driver's own
-`murmur3`, so token-aware drivers and the emulator agree on placement.
+carries its Murmur3 `token`, computed as Scylla's partitioner does
+(`coalesce.cql.token`), so token-aware drivers and the emulator agree on placement.
 
 Rows are kept sorted by their clustering *sort key* (see `ordering`), so
 an ascending walk yields the table's clustering order and every clustering
@@ -23,8 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cassandra.murmur3 import murmur3
-
+from coalesce.cql.token import murmur3_token
 from coalesce.emulator.errors import InvalidRequest
 from coalesce.emulator.schema import Column, TableDef
 
@@ -58,8 +57,7 @@ def routing_key(columns: Sequence[Column], values: Sequence[Any]) -> bytes:
 
 def token_of(key: bytes) -> int:
     """The Murmur3Partitioner token of a routing key."""
-    token: int = murmur3(key)
-    return token
+    return murmur3_token(key)
 
 
 class Cells:

@@ -1,22 +1,27 @@
-"""One client connection: handshake, login relay, and a decision per request frame.
+"""One client connection: its state machine, its bounds, and the execution of plans.
 
-Frames are decoded only as far as a decision needs. Per opcode:
+Setup frames (OPTIONS, STARTUP, AUTH_RESPONSE, REGISTER) are answered here (the login
+is verified by Scylla, see `LoginRelay`). Each QUERY, EXECUTE, PREPARE and BATCH is
+read once into a `Request`, decided by `plan`, and the plan executed: a `Merge` joins
+or starts a `Flight`, a `Forward` is an `Exchange` of its own, a `Use` switches this
+connection's upstream pool, an `Unprepared` is answered at once. Every answer goes
+back under the client's own stream id, LZ4-compressed when the client negotiated it.
 
-- OPTIONS, STARTUP, REGISTER: answered by the sidecar (STARTUP relays the login
-  exchange to Scylla when Scylla asks for credentials).
-- QUERY of a plain SELECT, EXECUTE of a statement prepared as one: merged -- the
-  request joins the single flight of its key (protocol version, role, keyspace,
-  opcode, body without the client's default timestamp).
-- QUERY/EXECUTE on ``system.local`` / ``system.peers(_v2)``: forwarded, answer rewritten
-  to describe the sidecar. ``USE ks``: run once per ``(role, ks)`` pool, remembered.
-- Everything else (writes, BATCH, PREPARE, other statements, anything traced or with a
-  custom payload): forwarded as is; writes update the read-after-write index when
-  their answer arrives, before the client sees it.
+What one client can make the sidecar hold is bounded, and its misbehaviour costs only
+itself:
 
-Every response goes back under the client's own stream id, LZ4-compressed when the
-client negotiated it. A malformed or oversized frame is answered with PROTOCOL_ERROR
-and closes this connection only. When the client disconnects, its merged requests
-leave their flights (others keep being served) and its forwarded ones are dropped.
+- a malformed frame or body is answered with PROTOCOL_ERROR and closes this
+  connection; a body is checked before it is sent upstream, so it never reaches a
+  connection other clients share;
+- at most ``max_client_requests`` unanswered requests and ``max_client_buffer``
+  unsent answer bytes: past either, the sidecar stops reading from the client until
+  it catches up (TCP does the rest);
+- at most 128 frames are taken from the client per loop turn, so answers arriving
+  from Scylla never wait behind a burst of ingest;
+- STARTUP to ready within ``handshake_timeout``; a connection quiet for
+  ``idle_timeout`` is closed;
+- when the client disconnects, it leaves every flight it waits on (a flight nobody
+  waits for is abandoned), and its forwarded requests' answers are dropped.
 """
 
 from __future__ import annotations
@@ -24,15 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable, Coroutine, Hashable
-from functools import partial
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
 from coalesce.cql import (
     COMPRESSION,
-    CUSTOM_PAYLOAD,
     DEFAULT_SUPPORTED,
-    TRACING,
+    WARNING,
     AuthResponse,
     CQLProtocolError,
     Error,
@@ -42,130 +45,149 @@ from coalesce.cql import (
     Opcode,
     ProtocolVersionError,
     Register,
+    ResultKind,
     ResultSetKeyspace,
     Startup,
     Supported,
     UnsupportedCompressionError,
     compress_body,
     decompress_body,
+    first_bad_stream,
+    join_extras,
     negotiate_compression,
-    peek_execute_id,
-    peek_query_string,
+    peek_result_kind,
     split_extras,
     unsupported_version_reply,
 )
-from coalesce.cql.classify import classify
-from coalesce.errors import Overloaded
-from coalesce.sidecar.answers import (
-    Post,
-    after_write,
-    describe_sidecar,
-    forget_everything,
-    learn_prepared,
-)
-from coalesce.sidecar.bodies import bound_values, is_serial, key_body, routing_key
-from coalesce.sidecar.errors import UpstreamError, UpstreamLost, UpstreamRefused
-from coalesce.sidecar.inline import InlineRun, run_inline
+from coalesce.cql import Unprepared as UnpreparedDetails
+from coalesce.cql.request import Request
+from coalesce.sidecar.advertised import empty_rows, rewrite_local
+from coalesce.sidecar.connection import Outcome
+from coalesce.sidecar.errors import UpstreamError, UpstreamRefused
+from coalesce.sidecar.exchange import Exchange
+from coalesce.sidecar.flights import FULL as _FULL
+from coalesce.sidecar.flights import Answer, Flight
 from coalesce.sidecar.login import LoginRelay
 from coalesce.sidecar.outbox import Outbox
-from coalesce.sidecar.pool import Node, Pool
-from coalesce.sidecar.prepared import PreparedStatement
-from coalesce.sidecar.proxy import Answer, Proxy, is_unprepared
-from coalesce.sidecar.topology import (
-    CLUSTER_TABLES,
-    token_of,
-)
-from coalesce.sidecar.upstream import Outcome, UpstreamConnection
+from coalesce.sidecar.plan import Forward, Merge, Plan, Unprepared, Use, partition_of, plan
+from coalesce.sidecar.proxy import Proxy
+from coalesce.sidecar.ring import token_of
+from coalesce.sidecar.upstream import Pool
 
 __all__ = ["ClientConnection"]
 
 _log = logging.getLogger(__name__)
 
 _HEADER: Final = struct.Struct(">BBhBi")
+_STREAM: Final = struct.Struct(">h")
 _RESPONSE_V4: Final = 0x84
-_UNMERGEABLE: Final = TRACING | CUSTOM_PAYLOAD
+_COMPRESSION: Final = COMPRESSION
+_FRAMES_PER_TURN: Final = 128
+_EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
 _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
 ).encode()
 
 # Connection states.
-_NEW, _STARTING, _AUTHENTICATING, _AUTH_SENT, _READY = range(5)
+_NEW, _STARTING, _AUTHENTICATING, _AUTH_SENT, _READY, _REFUSED = range(6)
 
-class _Forward:
-    """The callback of one forwarded request: post-process, then answer the client."""
 
-    __slots__ = ("body", "client", "conn", "flags", "opcode", "post", "statement", "stream")
+class _Forward(Exchange):
+    """One request passed through alone: its client, and what its answer does."""
+
+    __slots__ = ("client", "partition", "plan", "stream")
 
     def __init__(
-        self,
-        client: ClientConnection,
-        stream: int,
-        opcode: int,
-        flags: int,
-        body: bytes,
-        post: Post | None,
-        statement: PreparedStatement | None,
+        self, client: ClientConnection, stream: int, request: Request, plan: Forward,
+        pool: Pool, partition: bytes | None,
     ) -> None:
+        node = None
+        if partition is not None:
+            node = pool.upstream.node_for_token(token_of(partition))
+        super().__init__(pool, node, request.opcode, request.flags, request.body, plan.statement)
         self.client = client
         self.stream = stream
-        self.opcode = opcode
-        self.flags = flags
-        self.body = body
-        self.post = post
-        self.statement = statement
-        self.conn: UpstreamConnection | None = None
+        self.plan = plan
+        self.partition = partition
 
-    def send(self, conn: UpstreamConnection) -> None:
-        self.conn = conn
-        conn.send(self.opcode, self.body, self.flags, self)
-
-    def __call__(self, outcome: Outcome) -> None:
-        client = self.client
-        statement = self.statement
-        if (statement is not None and not client._closed and type(outcome) is Frame
-                and is_unprepared(outcome)):
-            self.statement = None  # retry once; a second UNPREPARED reaches the client
-            client._spawn(client._reprepare_and_resend(self, statement))
-            return
-        self.finish(outcome)
-
-    def abandon(self) -> None:
-        """The client went away before the request was sent: settle the books only."""
-        self.client._proxy.request_finished()
-        if self.post is not None:
-            self.post(UpstreamLost("client disconnected"))
+    @property
+    def abandoned(self) -> bool:
+        return self.client.closed
 
     def finish(self, outcome: Outcome) -> None:
         client = self.client
-        client._proxy.request_finished()
-        if self.post is not None:
-            try:
-                outcome = self.post(outcome)
-            except CQLProtocolError as exc:
-                outcome = UpstreamError(f"cannot rewrite the upstream answer: {exc.message}")
+        proxy = client._proxy
+        p = self.plan
+        if p.writes is not None:  # done or failed: it may have been applied either way
+            proxy.flights.freshness.written_by(p.writes, p.keyspace, self.partition)
+        if type(outcome) is Frame and outcome.opcode == Opcode.RESULT:
+            if p.learn:
+                _learn(proxy, outcome, client.request_text(self), client.keyspace)
+            elif p.rewrite is not None:
+                outcome = _rewrite(proxy, outcome, p)
+        client._answered(1)
         if isinstance(outcome, UpstreamError):
-            client._proxy.upstream.errors += 1
             client._write_failure(self.stream, outcome)
         else:
             client._write_frame(self.stream, outcome.opcode, outcome.flags, outcome.body)
+
+    def fail(self, error: UpstreamError) -> None:
+        self.client._answered(1)
+        self.client._write_failure(self.stream, error)
+
+
+def _learn(proxy: Proxy, frame: Frame, text: str | None, keyspace: str | None) -> None:
+    body = frame.body
+    if frame.flags & _EXTRAS:
+        body = split_extras(frame.flags, body, response=True)[1]
+    if text is not None and peek_result_kind(body) == ResultKind.PREPARED:
+        proxy.statements.learn(text, keyspace, body)
+
+
+def _rewrite(proxy: Proxy, frame: Frame, p: Forward) -> Outcome:
+    """Rows of ``system.local`` describing the sidecar, the peers tables empty."""
+    try:
+        extras, result = split_extras(frame.flags, frame.body, response=True)
+        if p.rewrite == "local":
+            columns = p.statement.result_columns if p.statement is not None else ()
+            result = rewrite_local(result, proxy.identity, proxy.upstream.ring, columns)
+        else:
+            result = empty_rows(result)
+        extra_flags, body = join_extras(extras, result, response=True)
+    except CQLProtocolError as exc:
+        return UpstreamError(f"cannot rewrite the upstream answer: {exc.message}")
+    flags = (frame.flags & ~(_EXTRAS | COMPRESSION)) | extra_flags
+    return frame._replace(flags=flags, body=body)
 
 
 class ClientConnection(asyncio.Protocol):
     """A driver's connection to the sidecar. See the module docstring for the contract."""
 
-    def __init__(self, proxy: Proxy, on_close: Callable[[ClientConnection], None]) -> None:
+    def __init__(
+        self, proxy: Proxy, on_close: Callable[[ClientConnection], None], *,
+        refused: bool = False,
+    ) -> None:
         self._proxy = proxy
         self._on_close = on_close
-        self._max_frame = proxy.config.max_frame_size
+        config = proxy.config
+        self._max_frame = config.max_frame_size
+        self._max_requests = config.max_client_requests
         self._decoder = FrameDecoder(max_body=self._max_frame)
         self._transport: asyncio.Transport | None = None
         self._out: Outbox | None = None
-        self._state = _NEW
+        self._state = _REFUSED if refused else _NEW
         self._lz4 = False
         self._closed = False
         self._login: LoginRelay | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._runs: set[InlineRun[Answer]] = set()
+        self._flights: set[Flight] = set()
+        self._texts: dict[_Forward, str] = {}  # PREPAREs in flight -> their text
+        self._backlog: list[Frame] = []
+        self._pending = 0  # requests received and not answered yet
+        self._write_paused = False
+        self._reading = True
+        self._activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.role = ""
         self.keyspace: str | None = None
         self._pool: Pool | None = None
@@ -175,32 +197,50 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they quack alike.
         self._transport = cast(asyncio.Transport, transport)
-        self._out = Outbox(asyncio.get_running_loop(), self._transport)
+        config = self._proxy.config
+        self._transport.set_write_buffer_limits(high=config.max_client_buffer)
+        loop = asyncio.get_running_loop()
+        self._out = Outbox(loop, self._transport)
         self._proxy.stats.client_connections += 1
+        self._activity = loop.time()
+        self._timer = loop.call_later(config.handshake_timeout, self._check_timers)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._proxy.stats.client_connections -= 1
-        self._proxy.listeners.discard(self)
+        proxy = self._proxy
+        proxy.stats.client_connections -= 1
+        proxy.listeners.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._backlog = []
         for task in list(self._tasks):
             task.cancel()
-        for run in list(self._runs):
-            run.cancel()
+        flights, self._flights = self._flights, set()
+        for flight in flights:
+            streams = flight.waiters.get(self)
+            if streams is not None:
+                proxy.requests_finished(len(streams))
+            flight.leave(self)
         if self._login is not None:
             self._login.close()
             self._login = None
+        if self._pool is not None:
+            proxy.upstream.release(self._pool)
+            self._pool = None
         self._on_close(self)
 
     def pause_writing(self) -> None:
-        # The client is not reading its answers: stop taking requests from it.
-        if self._transport is not None:
-            self._transport.pause_reading()
+        # Unsent answers passed max_client_buffer: stop taking requests from the client.
+        self._write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._transport.resume_reading()
+        self._write_paused = False
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._activity = self._proxy.loop_time()
         at_boundary = self._decoder.buffered == 0
         try:
             frames = self._decoder.feed(data)
@@ -208,19 +248,33 @@ class ClientConnection(asyncio.Protocol):
             self._reject_version(exc.version, exc.stream)
             return
         except CQLProtocolError as exc:
-            stream = _failing_stream(data, self._max_frame) if at_boundary else 0
+            stream = first_bad_stream(data, self._max_frame) if at_boundary else 0
             self._fatal(stream, exc.message)
             return
+        if self._backlog:
+            self._backlog.extend(frames)
+            return
+        if len(frames) > _FRAMES_PER_TURN:
+            self._backlog = frames[_FRAMES_PER_TURN:]
+            frames = frames[:_FRAMES_PER_TURN]
+            self._update_reading()
+            asyncio.get_running_loop().call_soon(self._take_backlog)
+        dispatch = self._dispatch
         for frame in frames:
             if self._closed:
                 return
-            self._dispatch(frame)
+            dispatch(frame)
 
     # -- public ------------------------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Requests received from this client and not answered yet."""
+        return self._pending
 
     def close(self) -> None:
         """Close the connection (answers already written are flushed first)."""
@@ -234,30 +288,140 @@ class ClientConnection(asyncio.Protocol):
         """Push an EVENT frame (stream -1) to this client."""
         self._write_frame(-1, Opcode.EVENT, 0, body)
 
+    # -- flights call these (flights.Waiter) ------------------------------------------------
+
+    def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
+        self._flights.discard(flight)
+        self._answered(len(streams))
+        out = self._out
+        if out is None or self._closed:
+            return
+        frame = answer.frame(self._lz4)
+        size = len(frame)
+        if len(streams) == 1:
+            data = bytearray(frame)
+            _STREAM.pack_into(data, 2, streams[0])
+        else:  # one buffer for the whole connection, only the stream ids differ
+            data = bytearray(frame * len(streams))
+            pack = _STREAM.pack_into
+            offset = 2
+            for stream in streams:
+                pack(data, offset, stream)
+                offset += size
+        out.put(data)
+
+    def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None:
+        self._flights.discard(flight)
+        self._answered(len(streams))
+        for stream in streams:
+            self._write_failure(stream, error)
+
+    # -- reading, bounded ----------------------------------------------------------------------
+
+    def _take_backlog(self) -> None:
+        backlog = self._backlog
+        frames, self._backlog = backlog[:_FRAMES_PER_TURN], backlog[_FRAMES_PER_TURN:]
+        for frame in frames:
+            if self._closed:
+                return
+            self._dispatch(frame)
+        if self._backlog:
+            asyncio.get_running_loop().call_soon(self._take_backlog)
+        else:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        read = not self._write_paused and not self._backlog and self._pending < self._max_requests
+        if read != self._reading:
+            self._reading = read
+            if read:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def _accepted(self) -> None:
+        """One more request waits for an answer from upstream."""
+        self._pending += 1
+        self._proxy.in_flight += 1
+        if self._pending >= self._max_requests:
+            self._update_reading()
+
+    def _answered(self, count: int) -> None:
+        self._pending -= count
+        self._proxy.requests_finished(count)
+        if not self._reading:
+            self._update_reading()
+
+    def _check_timers(self) -> None:
+        """The handshake deadline, then the idle timeout, on one timer."""
+        self._timer = None
+        if self._closed:
+            return
+        config = self._proxy.config
+        loop = asyncio.get_running_loop()
+        if self._state != _READY:
+            self._proxy.stats.timed_out += 1
+            self._close_quietly()
+            return
+        idle = config.idle_timeout
+        if idle is None:
+            return
+        quiet = loop.time() - self._activity
+        if quiet >= idle and not self._pending:
+            self._proxy.stats.timed_out += 1
+            self._close_quietly()
+            return
+        self._timer = loop.call_later(max(idle - quiet, 0.05), self._check_timers)
+
+    def _close_quietly(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._closed = True
+            self._transport.abort()
+
     # -- dispatch ------------------------------------------------------------------------------
 
     def _dispatch(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        self._proxy.stats.frames[opcode] += 1
-        stream = frame.stream
-        if frame.version != 4:
-            self._reject_version(frame.version, stream)
+        version, is_response, flags, stream, opcode, body = frame
+        proxy = self._proxy
+        proxy.stats.frames[opcode] += 1
+        if version != 4:
+            self._reject_version(version, stream)
             return
-        if frame.is_response:
+        if is_response:
             self._fatal(stream, "a client sent a frame with the response bit set")
             return
-        flags = frame.flags
-        body = frame.body
         try:
-            if flags & COMPRESSION:
+            if flags & _COMPRESSION:
                 if not self._lz4:
                     raise CQLProtocolError("compressed frame but no compression negotiated")
                 body = decompress_body(body, max_size=self._max_frame)
-                flags &= ~COMPRESSION
-            if self._state == _READY:
-                handler = _READY_HANDLERS.get(opcode)
-            else:
-                handler = _SETUP_HANDLERS.get(opcode)
+                flags &= ~_COMPRESSION
+            if self._state == _READY and opcode in _PLANNED:
+                request = Request(stream, opcode, flags, body)
+                p = plan(request, self.role, self.keyspace, proxy.statements)
+                if type(p) is Merge:
+                    # The herd's path, kept flat: a joiner's body equals the checked body
+                    # of the flight's first request but for the timestamp.
+                    proxy.stats.merged += 1
+                    flight = proxy.flights.join(p.key, self, stream)
+                    if flight is None:
+                        self._start_flight(request, p)
+                    elif flight is not _FULL:
+                        self._flights.add(flight)
+                        self._pending += 1
+                        proxy.in_flight += 1
+                        if self._pending >= self._max_requests:
+                            self._update_reading()
+                    else:
+                        self._write_error(stream, ErrorCode.OVERLOADED,
+                                          "too many requests wait for this read")
+                else:
+                    self._execute(request, p)
+                return
+            handler = (_READY_HANDLERS if self._state == _READY else _SETUP_HANDLERS).get(opcode)
             if handler is None:
                 self._unexpected(stream, opcode)
                 return
@@ -269,6 +433,13 @@ class ClientConnection(asyncio.Protocol):
                 self._write_error(stream, exc.code, exc.message)
 
     def _unexpected(self, stream: int, opcode: int) -> None:
+        if self._state == _REFUSED:
+            self._proxy.stats.refused += 1
+            self._write_error(stream, ErrorCode.OVERLOADED,
+                              "the sidecar is at its client connection limit; try another node "
+                              "or later")
+            self.close()
+            return
         try:
             name = Opcode(opcode).name
         except ValueError:
@@ -281,6 +452,81 @@ class ClientConnection(asyncio.Protocol):
         self._write_error(
             stream, ErrorCode.PROTOCOL_ERROR, f"Unexpected message {name}, expecting {expecting}"
         )
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _execute(self, request: Request, p: Plan) -> None:
+        """Carry out every plan but `Merge` (which `_dispatch` runs itself)."""
+        proxy = self._proxy
+        if type(p) is Forward:
+            self._forward(request, p)
+        elif type(p) is Use:
+            proxy.stats.local += 1
+            self._accepted()
+            self._spawn(self._use(request.stream, p.keyspace))
+        else:
+            assert type(p) is Unprepared
+            proxy.stats.local += 1
+            self._write_frame(request.stream, Opcode.ERROR, 0, _unprepared_body(p.query_id))
+
+    def _start_flight(self, request: Request, p: Merge) -> None:
+        request.check()
+        proxy = self._proxy
+        flights = proxy.flights
+        pool = self._pool
+        assert pool is not None
+        statement = p.statement
+        partition = partition_of(request, statement)
+        node = None if partition is None else proxy.upstream.node_for_token(token_of(partition))
+        flight = Flight(flights, p.key, pool, node, request.opcode, request.flags, request.body,
+                        statement, p.table, partition)
+        if flights.start(flight, self, request.stream):
+            self._flights.add(flight)
+            self._accepted()
+        else:
+            self._write_error(request.stream, ErrorCode.OVERLOADED,
+                              "the sidecar has too many reads in flight")
+
+    def _forward(self, request: Request, p: Forward) -> None:
+        request.check()
+        proxy = self._proxy
+        proxy.stats.forwarded += 1
+        pool = self._pool
+        assert pool is not None
+        partition = partition_of(request, p.statement) if p.statement is not None else None
+        forward = _Forward(self, request.stream, request, p, pool, partition)
+        if p.learn:
+            self._texts[forward] = cast(str, request.text)
+        self._accepted()
+        forward.start()
+
+    def request_text(self, forward: _Forward) -> str | None:
+        """The statement text of a PREPARE being forwarded (taken once)."""
+        return self._texts.pop(forward, None)
+
+    async def _use(self, stream: int, keyspace: str) -> None:
+        """Switch to the pool of (role, `keyspace`) once Scylla has accepted the keyspace."""
+        upstream = self._proxy.upstream
+        try:
+            pool = upstream.pool(self.role, keyspace)
+            try:
+                await pool.acquire()
+            except BaseException:
+                upstream.release(pool)
+                raise
+        except UpstreamError as exc:
+            self._write_failure(stream, exc)
+            return
+        finally:
+            self._answered(1)
+        if self._closed:
+            upstream.release(pool)
+            return
+        old, self._pool = self._pool, pool
+        self.keyspace = keyspace
+        if old is not None:
+            upstream.release(old)
+        self._write_frame(stream, Opcode.RESULT, 0, ResultSetKeyspace(keyspace).encode())
 
     # -- connection setup ------------------------------------------------------------------
 
@@ -298,11 +544,6 @@ class ClientConnection(asyncio.Protocol):
             self._write_error(stream, ErrorCode.PROTOCOL_ERROR, exc.message)
             return
         self._proxy.stats.local += 1
-        if self._proxy.upstream.auth_required is False:
-            self._become_ready("")
-            self._write_frame(stream, Opcode.READY, 0, b"")
-            self._lz4 = compression is not None
-            return
         self._state = _STARTING
         self._spawn(self._start_login(stream, compression is not None))
 
@@ -355,6 +596,14 @@ class ClientConnection(asyncio.Protocol):
         self.role = role
         self._pool = self._proxy.upstream.pool(role, None)
         self._state = _READY
+        config = self._proxy.config
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if config.idle_timeout is not None:
+            self._timer = asyncio.get_running_loop().call_later(
+                config.idle_timeout, self._check_timers
+            )
 
     def _on_register(self, stream: int, flags: int, body: bytes) -> None:
         events = Register.decode(body).event_types
@@ -362,194 +611,6 @@ class ClientConnection(asyncio.Protocol):
             self._proxy.listeners.add(self)
         self._proxy.stats.local += 1
         self._write_frame(stream, Opcode.READY, 0, b"")
-
-    # -- requests ----------------------------------------------------------------------------
-
-    def _on_query(self, stream: int, flags: int, body: bytes) -> None:
-        proxy = self._proxy
-        core = split_extras(flags, body, response=False)[1] if flags & CUSTOM_PAYLOAD else body
-        info = classify(peek_query_string(core))
-        kind = info.kind
-        if kind == "select":
-            keyspace = info.keyspace or self.keyspace
-            if keyspace == "system" and info.table in CLUSTER_TABLES:
-                post = describe_sidecar(info.table, proxy.identity, proxy.upstream.ring)
-                self._forward(stream, Opcode.QUERY, flags, body, post)
-            elif (info.coalescable and not flags & _UNMERGEABLE
-                  and not is_serial(Opcode.QUERY, core)):
-                key = self._key(Opcode.QUERY, body)
-                self._merge(stream, key, Opcode.QUERY, flags, body, (keyspace, info.table),
-                            None, None, None)
-            else:
-                self._forward(stream, Opcode.QUERY, flags, body)
-        elif kind == "use" and info.keyspace is not None and not flags & _UNMERGEABLE:
-            proxy.stats.local += 1
-            self._spawn(self._use(stream, info.keyspace))
-        else:
-            post = after_write(proxy.freshness, proxy.group, info, self.keyspace, None)
-            self._forward(stream, Opcode.QUERY, flags, body, post)
-
-    def _on_execute(self, stream: int, flags: int, body: bytes) -> None:
-        proxy = self._proxy
-        core = split_extras(flags, body, response=False)[1] if flags & CUSTOM_PAYLOAD else body
-        statement = proxy.prepared.get(peek_execute_id(core))
-        if statement is None:
-            self._forward(stream, Opcode.EXECUTE, flags, body)
-            return
-        if (statement.mergeable and not flags & _UNMERGEABLE
-                and not is_serial(Opcode.EXECUTE, core)):
-            key = self._key(Opcode.EXECUTE, body)
-            if key in proxy.group:
-                # Joining a flight: where its read goes was settled by whoever started it.
-                self._merge(stream, key, Opcode.EXECUTE, flags, body, None, None, None, None)
-                return
-            partition, node = self._route(statement, core)
-            self._merge(stream, key, Opcode.EXECUTE, flags, body, statement.table, partition,
-                        node, statement)
-            return
-        partition, node = self._route(statement, core)
-        if statement.cluster_table is not None:
-            post = describe_sidecar(statement.cluster_table, proxy.identity,
-                                    proxy.upstream.ring, statement.result_columns)
-            self._forward(stream, Opcode.EXECUTE, flags, body, post, statement, node)
-        elif statement.info.kind == "select":
-            self._forward(stream, Opcode.EXECUTE, flags, body, None, statement, node)
-        else:
-            post = after_write(proxy.freshness, proxy.group, statement.info,
-                               statement.keyspace, partition)
-            self._forward(stream, Opcode.EXECUTE, flags, body, post, statement, node)
-
-    def _route(
-        self, statement: PreparedStatement, body: bytes
-    ) -> tuple[bytes | None, Node | None]:
-        """The serialized partition key of an EXECUTE and the node owning it, if known."""
-        if not statement.pk_indexes:
-            return None, None
-        values = bound_values(Opcode.EXECUTE, body)
-        partition = None if values is None else routing_key(values, statement.pk_indexes)
-        if partition is None:
-            return None, None
-        return partition, self._proxy.upstream.node_for_token(token_of(partition))
-
-    def _on_prepare(self, stream: int, flags: int, body: bytes) -> None:
-        core = split_extras(flags, body, response=False)[1] if flags & CUSTOM_PAYLOAD else body
-        post = learn_prepared(self._proxy.prepared, peek_query_string(core), self.keyspace)
-        self._forward(stream, Opcode.PREPARE, flags, body, post)
-
-    def _on_batch(self, stream: int, flags: int, body: bytes) -> None:
-        self._forward(stream, Opcode.BATCH, flags, body, forget_everything(self._proxy.group))
-
-    # -- the three ways of answering ------------------------------------------------------
-
-    def _forward(
-        self,
-        stream: int,
-        opcode: int,
-        flags: int,
-        body: bytes,
-        post: Post | None = None,
-        statement: PreparedStatement | None = None,
-        node: Node | None = None,
-    ) -> None:
-        """Pass the request through alone; the answer goes back when it comes."""
-        proxy = self._proxy
-        proxy.stats.forwarded += 1
-        proxy.request_started()
-        forward = _Forward(self, stream, opcode, flags, body, post, statement)
-        pool = self._pool
-        assert pool is not None
-        conn = pool.pick(node)
-        if conn is not None:
-            forward.send(conn)
-        else:
-            self._spawn(self._forward_later(forward, pool, node))
-
-    async def _forward_later(self, forward: _Forward, pool: Pool, node: Node | None) -> None:
-        try:
-            conn = await pool.acquire(node)
-        except UpstreamError as exc:
-            forward.finish(exc)
-        except asyncio.CancelledError:
-            forward.abandon()
-            raise
-        else:
-            forward.send(conn)
-
-    async def _reprepare_and_resend(
-        self, forward: _Forward, statement: PreparedStatement
-    ) -> None:
-        conn = forward.conn
-        assert conn is not None
-        try:
-            await self._proxy.reprepare(self.role, conn, statement)
-            if conn.closed:
-                pool = self._pool
-                assert pool is not None
-                conn = await pool.acquire()
-        except UpstreamError as exc:
-            forward.finish(exc)
-        except asyncio.CancelledError:
-            forward.abandon()
-            raise
-        else:
-            forward.send(conn)
-
-    def _key(self, opcode: int, body: bytes) -> Hashable:
-        """What makes two reads' answers the same (see the module docstring)."""
-        return (4, self.role, self.keyspace, opcode, key_body(opcode, body))
-
-    def _merge(
-        self,
-        stream: int,
-        key: Hashable,
-        opcode: int,
-        flags: int,
-        body: bytes,
-        table: Hashable,
-        partition: bytes | None,
-        node: Node | None,
-        statement: PreparedStatement | None,
-    ) -> None:
-        """Join (or start) the single flight of `key`, as one `SingleFlight.do` caller."""
-        proxy = self._proxy
-        pool = self._pool
-        assert pool is not None
-        proxy.stats.merged += 1
-        proxy.request_started()
-        call = proxy.group.do(
-            key, proxy.fetch, key, pool, node, opcode, body, flags, table, partition, statement
-        )
-        run = run_inline(call, partial(self._merged, stream))
-        if not run.done:
-            self._runs.add(run)
-
-    def _merged(
-        self, stream: int, run: InlineRun[Answer], answer: Answer | None,
-        error: BaseException | None,
-    ) -> None:
-        self._runs.discard(run)
-        self._proxy.request_finished()
-        if error is None:
-            assert answer is not None
-            self._write_answer(stream, answer)
-        elif isinstance(error, Overloaded):
-            self._write_error(stream, ErrorCode.OVERLOADED, str(error))
-        elif isinstance(error, UpstreamError):
-            self._write_failure(stream, error)
-        elif not isinstance(error, asyncio.CancelledError):
-            _log.error("merged read failed", exc_info=error)
-            self._write_error(stream, ErrorCode.SERVER_ERROR, f"sidecar error: {error!r}")
-
-    async def _use(self, stream: int, keyspace: str) -> None:
-        pool = self._proxy.upstream.pool(self.role, keyspace)
-        try:
-            await pool.acquire()
-        except UpstreamError as exc:
-            self._write_failure(stream, exc)
-            return
-        self.keyspace = keyspace
-        self._pool = pool
-        self._write_frame(stream, Opcode.RESULT, 0, ResultSetKeyspace(keyspace).encode())
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -564,18 +625,6 @@ class ClientConnection(asyncio.Protocol):
             flags &= ~COMPRESSION
         out.put(_HEADER.pack(_RESPONSE_V4, flags, stream, opcode, len(body)) + body)
 
-    def _write_answer(self, stream: int, answer: Answer) -> None:
-        out = self._out
-        if out is None or self._closed:
-            return
-        flags = answer.flags
-        if self._lz4 and answer.body:
-            body = answer.lz4_body()
-            flags |= COMPRESSION
-        else:
-            body = answer.body
-        out.put(_HEADER.pack(_RESPONSE_V4, flags, stream, answer.opcode, len(body)) + body)
-
     def _write_failure(self, stream: int, error: UpstreamError) -> None:
         if isinstance(error, UpstreamRefused):
             self._write_frame(stream, Opcode.ERROR, 0, error.body)  # Scylla's own words
@@ -587,6 +636,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _fatal(self, stream: int, message: str) -> None:
         """PROTOCOL_ERROR, then close: the byte stream can no longer be trusted."""
+        self._proxy.stats.protocol_errors += 1
         self._write_error(stream, ErrorCode.PROTOCOL_ERROR, message)
         self.close()
 
@@ -601,21 +651,14 @@ class ClientConnection(asyncio.Protocol):
         task.add_done_callback(self._tasks.discard)
 
 
-def _failing_stream(data: bytes, max_body: int) -> int:
-    """The stream of the first invalid header in `data` (which starts at a frame), or 0.
-
-    Only for addressing the PROTOCOL_ERROR reply; the connection closes regardless.
-    """
-    offset = 0
-    while offset + 9 <= len(data):
-        version, _, stream, opcode, length = _HEADER.unpack_from(data, offset)
-        if (version & 0x7F) != 4 or opcode not in _OPCODES or not 0 <= length <= max_body:
-            return int(stream)
-        offset += 9 + length
-    return 0
+def _unprepared_body(query_id: bytes) -> bytes:
+    """ERROR UNPREPARED for `query_id`: the driver prepares it again and retries."""
+    return Error(ErrorCode.UNPREPARED, "Prepared statement unknown to the sidecar",
+                 UnpreparedDetails(query_id)).encode()
 
 
-_OPCODES: Final = frozenset(int(op) for op in Opcode)
+_PLANNED: Final = frozenset(int(op) for op in (Opcode.QUERY, Opcode.EXECUTE, Opcode.PREPARE,
+                                                Opcode.BATCH))
 
 _Handler = Callable[[ClientConnection, int, int, bytes], None]
 
@@ -628,8 +671,4 @@ _SETUP_HANDLERS: Final[dict[int, _Handler]] = {
 _READY_HANDLERS: Final[dict[int, _Handler]] = {
     Opcode.OPTIONS: ClientConnection._on_options,
     Opcode.REGISTER: ClientConnection._on_register,
-    Opcode.QUERY: ClientConnection._on_query,
-    Opcode.EXECUTE: ClientConnection._on_execute,
-    Opcode.PREPARE: ClientConnection._on_prepare,
-    Opcode.BATCH: ClientConnection._on_batch,
 }

@@ -249,11 +249,27 @@ _METRICS = _optional(
           _show_address, "HOST[:PORT]", _check_address),
     "off",
 )
-_ADVERTISE = _optional(
-    _Kind(lambda raw: parse_address(_text_of(raw, '"host[:port]"'), default_port=0),
-          lambda v: v[0] if v[1] == 0 else _show_address(v), "HOST[:PORT]", _check_address),
-    "the listen address",
-)
+def _parse_advertise(raw: Any) -> str:
+    text = _parse_text(raw)
+    parse_address(text, default_port=0)  # raises on a bad port
+    return text
+
+
+def _check_advertise(value: Any) -> str | None:
+    problem = _check_text(value)
+    if problem is not None:
+        return problem
+    try:
+        parse_address(value, default_port=0)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# Kept as written (a host may be a name, or a placeholder a deployment fills in); the
+# host and the port are read from it by `advertised_address` and `advertised_port`.
+_ADVERTISE = _optional(_Kind(_parse_advertise, str, "HOST[:PORT]", _check_advertise),
+                       "the listen address")
 _INT = _Kind(_parse_int, lambda v: f"{v:_}" if v >= 10_000 else str(v), "N", _check_int)
 _SECONDS = _Kind(_parse_seconds, _show_seconds, "DURATION", _check_seconds)
 _SIZE = _Kind(_parse_size, _show_size, "SIZE", _check_int)
@@ -366,8 +382,8 @@ class SidecarConfig:
 
     Only `upstream` is required. Port 0 in `listen` or `metrics` picks a free port
     (the `Sidecar` reports the one it got); ``metrics=None`` serves no HTTP endpoint.
-    `advertise` is the ``(host, port)`` reported in ``system.local``; port 0 there means
-    the port the sidecar listens on (a string ``"host[:port]"`` is accepted and parsed).
+    `advertise` is ``"host[:port]"``, reported in ``system.local`` (`advertised_address`);
+    with a port, that port is reported instead of the listening one (`advertised_port`).
     `data_center` and `rack` left as None are taken from the upstream node's own
     ``system.local``, so keyspaces replicated by data center keep resolving to the
     sidecar in token-aware drivers. Construction validates every value and raises
@@ -381,7 +397,7 @@ class SidecarConfig:
     metrics: Address | None = field(
         default=("127.0.0.1", 9100),
         metadata=_spec(_METRICS, "address of /metrics and /healthz ('off': none)"))
-    advertise: Address | None = field(
+    advertise: str | None = field(
         default=None,
         metadata=_spec(_ADVERTISE, "address reported in system.local; with a port, that port"))
     data_center: str | None = field(
@@ -486,12 +502,6 @@ class SidecarConfig:
         metadata=_spec(_choice(*LOG_FORMATS), "text lines, or json: one object per line"))
 
     def __post_init__(self) -> None:
-        if isinstance(self.advertise, str):  # the form people write: "host[:port]"
-            try:
-                advertise = _ADVERTISE.parse(self.advertise)
-            except ValueError as exc:
-                raise ConfigError(f"advertise: {exc}") from None
-            object.__setattr__(self, "advertise", advertise)
         for setting in SETTINGS:
             problem = setting.check(getattr(self, setting.name))
             if problem is not None:
@@ -505,7 +515,7 @@ class SidecarConfig:
     def advertised_address(self) -> str:
         """The host the sidecar reports as its own in ``system.local`` (never a wildcard)."""
         if self.advertise is not None:
-            return self.advertise[0]
+            return parse_address(self.advertise, default_port=0)[0]
         host = self.listen[0]
         if host in ("0.0.0.0", "", "::"):
             return "127.0.0.1"
@@ -514,9 +524,9 @@ class SidecarConfig:
     @property
     def advertised_port(self) -> int | None:
         """The port reported in ``system.local``; None: the port the sidecar listens on."""
-        if self.advertise is None or self.advertise[1] == 0:
+        if self.advertise is None:
             return None
-        return self.advertise[1]
+        return parse_address(self.advertise, default_port=0)[1] or None
 
     @classmethod
     def from_sources(

@@ -26,11 +26,11 @@ class Outbox:
     def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
         self._loop = loop
         self._transport = transport
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | bytearray] = []
         self._writes = 0  # writes this turn; 0 means no end-of-turn flush is scheduled
         self._batching = False  # the last turn was busy: hold back even the first write
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes | bytearray) -> None:
         self._writes += 1
         if self._writes == 1:
             self._loop.call_soon(self._end_turn)

@@ -8,7 +8,10 @@ until SIGTERM. Everything runs on the event loop that called `start`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
+import logging
+import resource
 import socket
 import ssl
 from types import TracebackType
@@ -16,17 +19,58 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from coalesce.flight import SingleFlight
+from coalesce.sidecar.advertised import Identity
 from coalesce.sidecar.client import ClientConnection
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.errors import ConfigError
+from coalesce.sidecar.flights import Flights
 from coalesce.sidecar.metrics_http import serve_metrics
-from coalesce.sidecar.pool import Upstream
-from coalesce.sidecar.proxy import Answer, Proxy
+from coalesce.sidecar.proxy import Proxy
 from coalesce.sidecar.stats import SidecarStats, register_stats
-from coalesce.sidecar.topology import Identity
+from coalesce.sidecar.upstream import Upstream
 
-__all__ = ["Sidecar"]
+__all__ = ["Sidecar", "connection_limit", "tune_gc"]
+
+_log = logging.getLogger(__name__)
+_DESCRIPTOR_RESERVE = 256  # for upstream connections, the listener, metrics, logs
+
+
+def tune_gc(config: SidecarConfig) -> None:
+    """Tune the process's cyclic garbage collector for a long-running proxy.
+
+    Everything allocated at start-up (modules, config, the loop) is moved out of the
+    collector's reach with `gc.freeze` (``gc_freeze``), and generation 0 is collected
+    every ``gc_threshold`` allocations instead of 700, so a herd's short-lived
+    objects do not set off full collections. Process-wide: the command calls it, an
+    embedding application decides for itself.
+    """
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(config.gc_threshold, gen1, gen2)
+    if config.gc_freeze:
+        gc.collect()
+        gc.freeze()
+
+
+def connection_limit(config: SidecarConfig) -> int:
+    """``max_connections``, or what the process's descriptor limit leaves for clients.
+
+    The soft limit is raised to the hard one first, as servers do.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    fits = max(16, soft - _DESCRIPTOR_RESERVE) if soft != resource.RLIM_INFINITY else 1 << 20
+    if config.max_connections is None:
+        return fits
+    if config.max_connections > fits:
+        _log.warning("max_connections %d exceeds what %d file descriptors allow; using %d",
+                     config.max_connections, soft, fits)
+        return fits
+    return config.max_connections
 
 
 class Sidecar:
@@ -50,6 +94,7 @@ class Sidecar:
         self.host = config.listen[0]
         self.port = config.listen[1]
         self.metrics_port: int | None = None
+        self.max_connections = 0
 
     async def __aenter__(self) -> Sidecar:
         await self.start()
@@ -66,9 +111,9 @@ class Sidecar:
     # -- what tests and operators look at --------------------------------------------------
 
     @property
-    def group(self) -> SingleFlight[Answer]:
-        """The single-flight group of merged reads (empty when nothing is in flight)."""
-        return self._require_proxy().group
+    def flights(self) -> Flights:
+        """The in-flight table of merged reads (empty when nothing is in flight)."""
+        return self._require_proxy().flights
 
     @property
     def stats(self) -> SidecarStats:
@@ -103,6 +148,7 @@ class Sidecar:
         config = self.config
         loop = asyncio.get_running_loop()
         client_tls = _client_ssl(config)
+        self.max_connections = connection_limit(config)
         upstream = Upstream(config)
         proxy = Proxy(config, upstream, Identity("127.0.0.1", 0), registry=self.registry)
         upstream.on_event = proxy.on_upstream_event
@@ -162,7 +208,9 @@ class Sidecar:
             self._server = None
 
     def _accept(self, proxy: Proxy) -> ClientConnection:
-        client = ClientConnection(proxy, self._clients.discard)
+        # Over the limit, a connection is told why on its first frame, then closed.
+        refused = len(self._clients) >= self.max_connections
+        client = ClientConnection(proxy, self._clients.discard, refused=refused)
         self._clients.add(client)
         return client
 

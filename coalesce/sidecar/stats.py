@@ -29,7 +29,8 @@ __all__ = ["SidecarStats", "register_stats"]
 class SidecarStats:
     """Plain counters, bumped on the event loop, read at scrape time."""
 
-    __slots__ = ("client_connections", "forwarded", "frames", "local", "merged")
+    __slots__ = ("client_connections", "forwarded", "frames", "local", "merged",
+                 "protocol_errors", "refused", "timed_out")
 
     def __init__(self) -> None:
         self.client_connections = 0
@@ -37,6 +38,9 @@ class SidecarStats:
         self.merged = 0
         self.forwarded = 0
         self.local = 0
+        self.refused = 0  # connections over max_connections
+        self.timed_out = 0  # connections closed by the handshake or idle timeout
+        self.protocol_errors = 0  # connections closed for a malformed frame or body
 
 
 class _Collector:
@@ -83,7 +87,14 @@ class _Collector:
             "coalesce_sidecar_upstream_errors", "Upstream connection and request failures."
         )
         errors.add_metric([], self._upstream_errors())
-        yield from (clients, upstream, frames, requests, errors)
+        closed = CounterMetricFamily(
+            "coalesce_sidecar_connections_closed",
+            "Client connections the sidecar refused or closed, by reason.", labels=["reason"],
+        )
+        for reason, attr in (("limit", "refused"), ("timeout", "timed_out"),
+                             ("protocol_error", "protocol_errors")):
+            closed.add_metric([reason], getattr(stats, attr))
+        yield from (clients, upstream, frames, requests, errors, closed)
 
 
 def register_stats(

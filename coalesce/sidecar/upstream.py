@@ -1,365 +1,718 @@
-"""One connection to one Scylla node: handshake, stream multiplexing, responses.
+"""The upstream side as a whole: nodes, their health, and pools of connections.
 
-Requests are raw frames; each gets a free stream id (up to 32,768 per connection) and a
-callback that receives exactly one outcome: the response `Frame`, or an `UpstreamError`
-if the connection dies first or the request times out. `request` wraps that in an
-awaitable for code that can wait; the sidecar's pass-through path uses `send` with a
-callback and never creates a task.
+`Upstream` knows every configured Scylla node, whether it answers, which tokens it
+owns, and the credentials of each role that logged in through the sidecar. A `Pool`
+holds up to ``connections_per_node`` connections to every node for one
+``(role, keyspace)``: answers are only ever shared inside one role, and a client's
+``USE`` keyspace is a property of the connection its requests travel on.
 
-The connection speaks protocol v4 without compression (bodies are forwarded as they
-arrive from clients, decompressed), so nothing is ever decoded here except setup
-replies.
+Pools live only while clients use them: `pool` takes a reference and `release` gives
+it back; a pool nobody uses is closed after ``pool_idle_timeout`` (at once if it never
+opened a connection, as after a ``USE`` of a keyspace that does not exist), and at most
+``max_pools`` exist. Only pools in use are refilled after a node comes back, and at
+most a few connections are opened at once, so a restart never sets off a storm.
+
+Health: a node that refuses a connection is marked unreachable and probed again with
+exponential back-off (OPTIONS, then STARTUP, which needs no login and tells whether
+the node asks for one: the sidecar re-learns that on every probe); while it backs off
+no request waits for it. An established connection that dies fails its requests at
+once (see `UpstreamConnection`) and triggers an immediate probe of its node. Every
+connection that has been quiet for ``heartbeat_interval`` is sent an OPTIONS, and so
+is one whose request timed out; one that leaves it unanswered for
+``heartbeat_timeout`` is dropped like a dead one, so a frozen node is reported
+unreachable and its requests fail fast instead of each waiting out its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import logging
 import ssl
-import struct
-from collections import deque
-from collections.abc import Callable
-from functools import partial
-from typing import Final, cast
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 from coalesce.cql import (
-    AuthResponse,
-    CQLProtocolError,
+    Authenticate,
     Error,
     Frame,
-    FrameDecoder,
     Opcode,
     Query,
     QueryParameters,
-    Startup,
+    Register,
+    ResultRows,
+    decode_result,
 )
+from coalesce.sidecar.config import SidecarConfig
+from coalesce.sidecar.connection import UpstreamConnection
 from coalesce.sidecar.errors import (
     UpstreamError,
-    UpstreamLost,
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from coalesce.sidecar.outbox import Outbox
+from coalesce.sidecar.ring import Ring
 
-__all__ = ["Outcome", "ResponseCallback", "UpstreamConnection", "quote_identifier"]
+__all__ = ["Node", "Pool", "Upstream", "plain_username"]
 
-Outcome = Frame | UpstreamError
-ResponseCallback = Callable[[Outcome], None]
+_log = logging.getLogger(__name__)
+_CONNECTING_AT_ONCE: Final = 8
+_STARTUP_BODY: Final = b"\x00\x01\x00\x0bCQL_VERSION\x00\x053.0.0"
+_DEFAULT_AUTHENTICATOR: Final = "org.apache.cassandra.auth.PasswordAuthenticator"
 
-_HEADER: Final = struct.Struct(">BBhBi")
-_MAX_STREAMS: Final = 32768
-_STARTUP_BODY: Final = Startup({"CQL_VERSION": "3.0.0"}).encode()
-_ONE: Final = 0x0001
+_LOCAL_TOKENS: Final = Query(
+    "SELECT tokens, data_center, rack FROM system.local WHERE key='local'",
+    QueryParameters(0x0001),
+).encode()
+_REGISTER_SCHEMA: Final = Register(["SCHEMA_CHANGE"]).encode()
+_OPTIONS_BODY: Final = b""
 
 
-def quote_identifier(name: str) -> str:
-    """`name` as a CQL quoted identifier (case kept, quotes doubled)."""
-    return '"' + name.replace('"', '""') + '"'
+def plain_username(token: bytes | None) -> str | None:
+    """The user name of a SASL PLAIN token (``authzid\\0user\\0password``), or None."""
+    if token is None:
+        return None
+    parts = token.split(b"\x00")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    try:
+        return parts[1].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
-class _Deadlines:
-    """Request timeouts of one connection: one timer, not one per request.
+class Node:
+    """One upstream node: its address, reachability and back-off state.
 
-    Requests are kept in send order, which with one timeout per connection is deadline
-    order too (a shorter timeout queued behind a longer one fires late, never early).
-    Answered requests leave from the front as new ones are sent, so the queue holds
-    about what is in flight. A request that times out gets `UpstreamTimeout` through
-    its callback; its stream stays reserved for the late answer, which is dropped.
+    `reachable` is None until the first attempt. After a failure, no new connection is
+    attempted before `retry_at` (loop time); the delay doubles per consecutive
+    failure, from ``reconnect_delay`` up to ``reconnect_max_delay``.
     """
 
-    __slots__ = ("_conn", "_queue", "_timer")
+    __slots__ = (
+        "connections", "data_center", "failures", "failures_logged", "host", "last_error",
+        "name", "port", "rack", "reachable", "retry_at", "tokens_known",
+    )
 
-    def __init__(self, conn: UpstreamConnection) -> None:
-        self._conn = conn
-        self._queue: deque[tuple[float, float, int, int]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.reachable: bool | None = None
+        self.failures = 0
+        self.failures_logged = False
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self.tokens_known = False
+        self.data_center: str | None = None
+        self.rack: str | None = None
+        self.connections = 0
 
-    def watch(self, stream: int, sequence: int, timeout: float) -> None:
-        conn = self._conn
-        queue = self._queue
-        sent = conn._sequence
-        while queue and sent[queue[0][2]] != queue[0][3]:
-            queue.popleft()  # answered (its stream was reused or is free)
-        queue.append((conn._loop.time() + timeout, timeout, stream, sequence))
-        if self._timer is None:
-            self._timer = conn._loop.call_at(queue[0][0], self._expire)
+    def __repr__(self) -> str:
+        return f"<Node {self.name} reachable={self.reachable}>"
 
-    def _expire(self) -> None:
-        self._timer = None
-        conn = self._conn
-        queue = self._queue
-        sent = conn._sequence
-        now = conn._loop.time()
-        while queue:
-            deadline, timeout, stream, sequence = queue[0]
-            if sent[stream] == sequence and deadline > now:
-                break
-            queue.popleft()
-            if sent[stream] == sequence:
-                conn._time_out(stream, timeout)
-        if queue:
-            self._timer = conn._loop.call_at(queue[0][0], self._expire)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._queue.clear()
+    def may_connect(self, now: float) -> bool:
+        return self.reachable is not False or now >= self.retry_at
 
 
-def _orphan(outcome: Outcome) -> None:
-    """What a timed-out request's stream waits for: its late answer, to drop it."""
+class Upstream:
+    """Every upstream node, the token ring, role credentials, and the pools.
 
-
-def _settle(future: asyncio.Future[Frame], outcome: Outcome) -> None:
-    if future.done():
-        return  # the waiter was cancelled: the answer has nowhere to go
-    if isinstance(outcome, UpstreamError):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """A multiplexed CQL connection to one node, for one role and keyspace.
-
-    Concurrency: any number of requests may be outstanding; responses are matched by
-    stream id and delivered in arrival order. A stream whose waiter gave up stays
-    reserved until its response arrives, so a late answer can never reach the wrong
-    request. When the connection closes, for whatever reason, every outstanding
-    callback gets an `UpstreamLost` at once, and `on_close` is called once.
-    Not thread-safe: one event loop.
+    Credentials: a role's SASL PLAIN token is kept in memory only (never logged), from
+    the client login that Scylla accepted last, to open more connections for that
+    role. Single event loop; `close` fails everything outstanding.
     """
 
     def __init__(
         self,
-        node: str,
+        config: SidecarConfig,
         *,
-        max_frame_size: int = 256 * 1024 * 1024,
-        request_timeout: float | None = None,
         on_event: Callable[[Frame], None] | None = None,
-        on_close: Callable[[UpstreamConnection], None] | None = None,
     ) -> None:
-        self.node = node
-        self.request_timeout = request_timeout
-        self.role: str | None = None
-        self.keyspace: str | None = None
-        self.on_event = on_event
-        self.on_close = on_close
-        self._decoder = FrameDecoder(max_body=max_frame_size)
-        self._free = list(range(_MAX_STREAMS - 1, -1, -1))  # pop() hands out 0 first
-        self._pending: dict[int, ResponseCallback] = {}
-        self._transport: asyncio.Transport | None = None
-        self._out: Outbox | None = None
+        self.config = config
+        self.nodes = [Node(host, port) for host, port in config.upstream]
+        self.ring = Ring()
+        self.auth_required: bool | None = None
+        self.authenticator = _DEFAULT_AUTHENTICATOR  # the class name Scylla announces
+        self.on_event = on_event  # receives SCHEMA_CHANGE events from one connection
+        self._tokens: dict[str, bytes | None] = {}
+        self._pools: OrderedDict[tuple[str, str | None], Pool] = OrderedDict()
+        self._connecting = asyncio.Semaphore(_CONNECTING_AT_ONCE)
+        self.logins = asyncio.Semaphore(config.max_logins)
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._ssl = _upstream_ssl(config)
+        self._round_robin = itertools.count()
+        self._reconnecting: dict[Node, asyncio.Task[None]] = {}
+        self._fetching_tokens: set[Node] = set()
+        self._event_connection: UpstreamConnection | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reachable = asyncio.Event()
         self._closed = False
-        self._close_reason = "closed"
-        self._loop = asyncio.get_running_loop()
-        # What was sent last on each stream, so a deadline knows it is still that request.
-        self._sequence = [0] * _MAX_STREAMS
-        self._sent = 0
-        self._deadlines = _Deadlines(self)
+        self.errors = 0  # upstream failures seen, for the metrics
+        self.timeouts = 0  # heartbeats left unanswered
 
-    # -- opening -------------------------------------------------------------------
+    # -- life cycle ------------------------------------------------------------------
 
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        node: str,
-        timeout: float,
-        ssl_context: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-        max_frame_size: int = 256 * 1024 * 1024,
-        request_timeout: float | None = None,
-    ) -> UpstreamConnection:
-        """Open the TCP (and TLS) connection; no CQL handshake yet.
-
-        Raises `UpstreamUnavailable` if the node cannot be reached within `timeout`.
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: cls(node, max_frame_size=max_frame_size,
-                                request_timeout=request_timeout),
-                    host,
-                    port,
-                    ssl=ssl_context,
-                    server_hostname=server_hostname if ssl_context is not None else None,
-                )
-        except TimeoutError:
-            raise UpstreamUnavailable(f"{node}: connect timed out after {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnavailable(f"{node}: {exc.strerror or exc}") from None
-        return protocol
-
-    async def startup(self, timeout: float) -> Frame:
-        """Send STARTUP; return the reply (READY, AUTHENTICATE or ERROR) as is."""
-        return await self.request(Opcode.STARTUP, _STARTUP_BODY, timeout=timeout)
-
-    async def login(self, token: bytes | None, timeout: float) -> None:
-        """The whole handshake: STARTUP, then the SASL PLAIN `token` if asked for one.
-
-        Raises `UpstreamRefused` (carrying Scylla's ERROR body) if Scylla rejects the
-        login, or asks for credentials when `token` is None.
-        """
-        reply = await self.startup(timeout)
-        if reply.opcode == Opcode.AUTHENTICATE:
-            if token is None:
-                raise UpstreamRefused(
-                    f"{self.node} requires authentication",
-                    Error(0x0100, "Authentication required").encode(),
-                )
-            reply = await self.request(
-                Opcode.AUTH_RESPONSE, AuthResponse(token).encode(), timeout=timeout
-            )
-            if reply.opcode == Opcode.AUTH_SUCCESS:
-                return
-        elif reply.opcode == Opcode.READY:
-            return
-        if reply.opcode == Opcode.ERROR:
-            raise UpstreamRefused(f"{self.node} refused the login", reply.body)
-        raise UpstreamRefused(
-            f"{self.node} answered the login with opcode 0x{reply.opcode:02x}",
-            Error(0x000A, "unexpected handshake reply from upstream").encode(),
+    async def start(self) -> None:
+        """Probe every node once, concurrently. Never fails: nodes may come up later."""
+        await asyncio.gather(*(self._probe(node) for node in self.nodes))
+        for node in self.nodes:
+            if not node.reachable:
+                self._schedule_reconnect(node)
+        self._heartbeat = asyncio.get_running_loop().call_later(
+            self.config.heartbeat_interval, self._beat
         )
 
-    async def use(self, keyspace: str, timeout: float) -> None:
-        """Switch this connection to `keyspace`; `UpstreamRefused` if Scylla says no."""
-        body = Query(f"USE {quote_identifier(keyspace)}", QueryParameters(_ONE)).encode()
-        reply = await self.request(Opcode.QUERY, body, timeout=timeout)
-        if reply.opcode == Opcode.ERROR:
-            raise UpstreamRefused(f"{self.node}: USE {keyspace} failed", reply.body)
-        self.keyspace = keyspace
-
-    # -- requests ------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def in_flight(self) -> int:
-        """Requests sent and not yet answered (abandoned ones included)."""
-        return len(self._pending)
-
-    def send(
-        self,
-        opcode: int,
-        body: bytes,
-        flags: int,
-        callback: ResponseCallback,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        """Send one request; `callback` gets its response frame or an `UpstreamError`.
-
-        Exactly one outcome per request: the answer, `UpstreamLost` if the connection
-        dies first, or `UpstreamTimeout` after `timeout` seconds (default: the
-        connection's `request_timeout`; None waits as long as the connection lives).
-        The callback is never called from inside `send`: a closed connection or one
-        out of stream ids schedules it with the error on the loop.
-        """
-        out = self._out
-        if self._closed or out is None:
-            self._loop.call_soon(callback, UpstreamLost(f"{self.node}: {self._close_reason}"))
-            return
-        if not self._free:
-            self._loop.call_soon(callback, UpstreamUnavailable(f"{self.node}: no free stream"))
-            return
-        stream = self._free.pop()
-        self._pending[stream] = callback
-        out.put(_HEADER.pack(4, flags, stream, opcode, len(body)) + body)
-        if timeout is None:
-            timeout = self.request_timeout
-        if timeout is not None:
-            self._sent += 1
-            self._sequence[stream] = self._sent
-            self._deadlines.watch(stream, self._sent, timeout)
-
-    async def request(
-        self, opcode: int, body: bytes, flags: int = 0, *, timeout: float | None = None
-    ) -> Frame:
-        """Send one request and wait for its response frame.
-
-        Raises `UpstreamLost` if the connection dies first and `UpstreamTimeout` after
-        `timeout` seconds (default: the connection's `request_timeout`). Cancelling the
-        caller abandons the request (its stream stays reserved until the late answer
-        arrives).
-        """
-        future: asyncio.Future[Frame] = self._loop.create_future()
-        self.send(opcode, body, flags, partial(_settle, future), timeout=timeout)
-        return await future
-
-    def _time_out(self, stream: int, timeout: float) -> None:
-        callback = self._pending.get(stream)
-        if callback is None or callback is _orphan:
-            return
-        self._pending[stream] = _orphan
-        self._sequence[stream] = 0
-        callback(UpstreamTimeout(f"{self.node}: no answer within {timeout:g}s"))
-
-    def close(self, reason: str = "closed by the sidecar") -> None:
-        """Close now; outstanding requests fail with `UpstreamLost`."""
-        if self._transport is not None and not self._closed:
-            self._close_reason = reason
-            self._transport.close()
-            self._fail_all()
-
-    def abort(self, reason: str) -> None:
-        """Drop the connection without flushing (a broken stream)."""
-        if self._transport is not None and not self._closed:
-            self._close_reason = reason
-            self._transport.abort()
-            self._fail_all()
-
-    # -- asyncio.Protocol ------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses; they quack alike.
-        self._transport = cast(asyncio.Transport, transport)
-        self._out = Outbox(self._loop, self._transport)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._decoder.feed(data)
-        except CQLProtocolError as exc:
-            self.abort(f"malformed frame from upstream: {exc.message}")
-            return
-        pending = self._pending
-        free = self._free
-        for frame in frames:
-            stream = frame.stream
-            if stream < 0:
-                if self.on_event is not None and frame.opcode == Opcode.EVENT:
-                    self.on_event(frame)
-                continue
-            callback = pending.pop(stream, None)
-            if callback is None:
-                continue  # an answer to nothing: ignore, as drivers do
-            free.append(stream)
-            self._sequence[stream] = 0
-            callback(frame)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self._close_reason = f"connection lost: {exc}"
-        elif self._close_reason == "closed":
-            self._close_reason = "upstream connection lost"
-        self._fail_all()
-
-    def _fail_all(self) -> None:
-        if self._closed:
-            return
+    async def close(self) -> None:
+        """Close every connection and stop probing; outstanding requests fail."""
         self._closed = True
-        # The pool forgets this connection first, so nothing a failed request's callback
-        # does (a retry, a new request) can land on it again.
-        if self.on_close is not None:
-            self.on_close(self)
-        self._deadlines.cancel()
-        pending, self._pending = self._pending, {}
-        error_text = f"{self.node}: {self._close_reason}"
-        for callback in pending.values():
-            callback(UpstreamLost(error_text))
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for pool in list(self._pools.values()):
+            pool.close()
+        self._pools.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- what the rest of the sidecar asks ---------------------------------------------
+
+    def pool(self, role: str, keyspace: str | None) -> Pool:
+        """A reference to the pool of `role` connections using `keyspace`.
+
+        Pair every call with one `release`. Raises `UpstreamRefused` (OVERLOADED) when
+        ``max_pools`` pools are in use and none is idle.
+        """
+        key = (role, keyspace)
+        pools = self._pools
+        pool = pools.get(key)
+        if pool is None:
+            if len(pools) >= self.config.max_pools and not self._close_idle_pool():
+                raise UpstreamRefused(
+                    f"{len(pools)} (role, keyspace) pools in use",
+                    _error_body(0x1001, "the sidecar has too many keyspaces in use; "
+                                        "retry later"),
+                )
+            pool = pools[key] = Pool(self, role, keyspace)
+        else:
+            pools.move_to_end(key)
+        pool.refs += 1
+        if pool.idle_timer is not None:
+            pool.idle_timer.cancel()
+            pool.idle_timer = None
+        return pool
+
+    def release(self, pool: Pool) -> None:
+        """Give back a reference `pool` returned; idle pools close after a while."""
+        pool.refs -= 1
+        if pool.refs or self._closed:
+            return
+        if not pool.live:  # it never worked (no such keyspace?) or its node is down
+            self._drop_pool(pool)
+        else:
+            pool.idle_timer = asyncio.get_running_loop().call_later(
+                self.config.pool_idle_timeout, self._drop_pool, pool
+            )
+
+    @contextlib.contextmanager
+    def borrow(self, role: str, keyspace: str | None) -> Iterator[Pool]:
+        """`pool` for the length of a block."""
+        pool = self.pool(role, keyspace)
+        try:
+            yield pool
+        finally:
+            self.release(pool)
+
+    @property
+    def pool_count(self) -> int:
+        return len(self._pools)
+
+    def _close_idle_pool(self) -> bool:
+        for pool in self._pools.values():  # least recently used first
+            if not pool.refs:
+                self._drop_pool(pool)
+                return True
+        return False
+
+    def _drop_pool(self, pool: Pool) -> None:
+        if pool.refs:
+            return
+        if self._pools.get((pool.role, pool.keyspace)) is pool:
+            del self._pools[(pool.role, pool.keyspace)]
+        pool.close()
+
+    def node_for_token(self, token: int) -> Node | None:
+        owner = self.ring.owner(token)
+        return owner if isinstance(owner, Node) else None
+
+    @property
+    def any_reachable(self) -> bool:
+        return any(node.reachable for node in self.nodes)
+
+    async def wait_reachable(self) -> None:
+        """Return once some node has answered a probe or a connection."""
+        await self._reachable.wait()
+
+    def health(self) -> dict[str, Any]:
+        """Reachability per node, for ``/healthz``."""
+        return {
+            "reachable": self.any_reachable,
+            "heartbeat_timeouts": self.timeouts,
+            "nodes": {
+                node.name: {
+                    "reachable": bool(node.reachable),
+                    "connections": node.connections,
+                    **({"error": node.last_error} if node.last_error and not node.reachable
+                       else {}),
+                }
+                for node in self.nodes
+            },
+        }
+
+    def connections_by_node(self) -> dict[str, int]:
+        return {node.name: node.connections for node in self.nodes}
+
+    def forget_credentials(self, role: str) -> None:
+        self._tokens.pop(role, None)
+
+    async def open_login(self) -> tuple[UpstreamConnection, Frame]:
+        """A fresh connection to some reachable node, after STARTUP, and its reply.
+
+        For relaying a client's login: the caller owns the connection and either
+        gives it back with `adopt` or closes it. Raises `UpstreamUnavailable`.
+        """
+        errors: list[str] = []
+        for node in self._candidates():
+            try:
+                conn = await self._connect_transport(node)
+            except UpstreamUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            try:
+                reply = await conn.startup(self.config.request_timeout)
+            except BaseException:
+                conn.close()
+                raise
+            return conn, reply
+        raise UpstreamUnavailable(_no_node_message(errors))
+
+    def adopt(self, conn: UpstreamConnection, role: str, token: bytes | None) -> None:
+        """Take a logged-in connection into `role`'s pool; remember the role's token."""
+        self._tokens[role] = token
+        with self.borrow(role, None) as pool:
+            pool.add(conn)
+
+    # -- opening connections -----------------------------------------------------------
+
+    def _candidates(self) -> list[Node]:
+        now = asyncio.get_running_loop().time()
+        nodes = [node for node in self.nodes if node.may_connect(now)]
+        if nodes:
+            start = next(self._round_robin) % len(nodes)
+            nodes = nodes[start:] + nodes[:start]
+        return nodes
+
+    async def _connect_transport(self, node: Node) -> UpstreamConnection:
+        config = self.config
+        try:
+            conn = await UpstreamConnection.connect(
+                node.host, node.port, node=node.name, timeout=config.connect_timeout,
+                ssl_context=self._ssl, server_hostname=node.host,
+                max_frame_size=max(config.max_frame_size, 256 * 1024 * 1024),
+                request_timeout=config.request_timeout,
+            )
+        except UpstreamUnavailable as exc:
+            self._node_failed(node, str(exc))
+            raise
+        self._node_ok(node)
+        return conn
+
+    async def connect(self, node: Node, role: str, keyspace: str | None) -> UpstreamConnection:
+        """A new connection to `node`, logged in as `role`, using `keyspace`.
+
+        Raises `UpstreamUnavailable` if the node cannot be reached and
+        `UpstreamRefused` if Scylla rejects the login or the keyspace.
+        """
+        if role not in self._tokens and self.auth_required:
+            raise UpstreamRefused(
+                f"no credentials for role {role!r}",
+                _error_body(0x0100, "the sidecar holds no credentials for this role"),
+            )
+        async with self._connecting:
+            conn = await self._connect_transport(node)
+            try:
+                await conn.login(self._tokens.get(role), self.config.request_timeout)
+                if keyspace is not None:
+                    await conn.use(keyspace, self.config.request_timeout)
+            except BaseException as exc:
+                conn.close()
+                if isinstance(exc, UpstreamRefused) and conn.asked_for_credentials:
+                    self.auth_required = True  # the node turned authentication on
+                elif isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamRefused):
+                    self._node_failed(node, str(exc))
+                raise
+        conn.role = role
+        conn.on_timeout = self._heartbeat_now
+        return conn
+
+    def _attached(self, node: Node, conn: UpstreamConnection) -> None:
+        """A connection joined a pool: count it, maybe learn tokens, maybe get events."""
+        node.connections += 1
+        if not node.tokens_known and node not in self._fetching_tokens:
+            self._fetching_tokens.add(node)
+            self.spawn(self._fetch_tokens(node, conn))
+        if self._event_connection is None and self.on_event is not None:
+            self._listen_for_events(conn)
+
+    def _detached(self, node: Node, conn: UpstreamConnection, unexpected: bool) -> None:
+        node.connections -= 1
+        if conn is self._event_connection:
+            self._event_connection = None
+            for pool in self._pools.values():
+                other = pool.any_connection()
+                if other is not None:
+                    self._listen_for_events(other)
+                    break
+        if unexpected and not self._closed:
+            # A lost connection makes the node's state unknown until a probe says more:
+            # requests may still try it, but nobody waiting for reachability is told
+            # it is up on the strength of the connection that just died.
+            self.errors += 1
+            node.tokens_known = False
+            node.reachable = None
+            if not self.any_reachable:
+                self._reachable.clear()
+            self._schedule_reconnect(node, at_once=True)
+
+    def _listen_for_events(self, conn: UpstreamConnection) -> None:
+        self._event_connection = conn
+        conn.on_event = self.on_event
+        conn.send(Opcode.REGISTER, _REGISTER_SCHEMA, 0, _ignore)
+
+    async def _fetch_tokens(self, node: Node, conn: UpstreamConnection) -> None:
+        try:
+            reply = await conn.request(
+                Opcode.QUERY, _LOCAL_TOKENS, timeout=self.config.request_timeout
+            )
+            if reply.opcode != Opcode.RESULT:
+                return
+            result = decode_result(reply.body)
+            if not isinstance(result, ResultRows) or not result.rows:
+                return
+            row = dict(zip((c.name for c in result.metadata.columns), result.rows[0],
+                           strict=True))
+            types = {c.name: c.type for c in result.metadata.columns}
+            raw_tokens = row.get("tokens")
+            tokens: Iterable[str] = (
+                types["tokens"].deserialize(raw_tokens) if raw_tokens is not None else ()
+            )
+            for name in ("data_center", "rack"):
+                cell = row.get(name)
+                if cell is not None:
+                    setattr(node, name, types[name].deserialize(cell))
+            self.ring.set_tokens(node, (int(t) for t in tokens))
+            node.tokens_known = True
+        except (UpstreamError, ValueError, KeyError):
+            pass  # learned on the next connection to this node
+        finally:
+            self._fetching_tokens.discard(node)
+
+    # -- health ----------------------------------------------------------------------
+
+    def _node_ok(self, node: Node) -> None:
+        node.reachable = True
+        node.failures = 0
+        node.last_error = None
+        self._reachable.set()
+
+    def _node_failed(self, node: Node, error: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.errors += 1
+        node.reachable = False
+        node.last_error = error
+        node.failures += 1
+        delay = min(
+            self.config.reconnect_max_delay,
+            self.config.reconnect_delay * 2 ** min(node.failures - 1, 30),
+        )
+        node.retry_at = loop.time() + delay
+        if node.failures in (1, 10) or node.failures % 100 == 0:
+            _log.warning("upstream node %s is down (%d failed attempts): %s",
+                         node.name, node.failures, error)
+            node.failures_logged = True
+        if not self.any_reachable:
+            self._reachable.clear()
+        self._schedule_reconnect(node)
+
+    async def _probe(self, node: Node) -> bool:
+        try:
+            conn = await self._connect_transport(node)
+        except UpstreamUnavailable:
+            return False
+        timeout = self.config.connect_timeout
+        try:
+            reply = await conn.request(Opcode.OPTIONS, _OPTIONS_BODY, timeout=timeout)
+            if reply.opcode != Opcode.SUPPORTED:
+                self._node_failed(node, f"OPTIONS answered with opcode 0x{reply.opcode:02x}")
+                return False
+            reply = await conn.request(Opcode.STARTUP, _STARTUP_BODY, timeout=timeout)
+        except UpstreamError as exc:
+            self._node_failed(node, str(exc))
+            return False
+        finally:
+            conn.close()
+        self.learn_auth(reply)
+        if node.failures_logged:
+            _log.warning("upstream node %s is back", node.name)
+            node.failures_logged = False
+        return True
+
+    def learn_auth(self, startup_reply: Frame) -> None:
+        """What a node's answer to STARTUP says about authentication."""
+        if startup_reply.opcode == Opcode.READY:
+            self.auth_required = False
+        elif startup_reply.opcode == Opcode.AUTHENTICATE:
+            self.auth_required = True
+            with contextlib.suppress(Exception):
+                self.authenticator = Authenticate.decode(startup_reply.body).authenticator
+
+    # -- heartbeats --------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        """Probe every connection that has been quiet for a heartbeat interval."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.heartbeat_interval
+        quiet_since = loop.time() - interval
+        for pool in list(self._pools.values()):
+            for conn in list(pool.live):
+                if conn.last_read <= quiet_since:
+                    self._heartbeat_now(conn)
+        self._heartbeat = loop.call_later(interval, self._beat)
+
+    def _heartbeat_now(self, conn: UpstreamConnection) -> None:
+        if conn.heartbeating or conn.closed:
+            return
+        conn.heartbeating = True
+        timeout = self.config.heartbeat_timeout
+
+        def answered(outcome: object) -> None:
+            conn.heartbeating = False
+            if isinstance(outcome, UpstreamTimeout):
+                self.timeouts += 1
+                conn.abort(f"no answer to a heartbeat within {timeout:g}s")
+
+        conn.send(Opcode.OPTIONS, _OPTIONS_BODY, 0, answered, timeout=timeout)
+
+    def _schedule_reconnect(self, node: Node, *, at_once: bool = False) -> None:
+        if self._closed or node in self._reconnecting:
+            return
+        self._reconnecting[node] = self.spawn(self._reconnect(node, at_once))
+
+    async def _reconnect(self, node: Node, at_once: bool) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                if not at_once:
+                    # Back-off between attempts (production pacing, not synchronisation).
+                    await asyncio.sleep(max(0.0, node.retry_at - loop.time()))
+                at_once = False
+                if await self._probe(node):
+                    break
+        finally:
+            self._reconnecting.pop(node, None)
+        for pool in list(self._pools.values()):
+            if pool.refs:
+                pool.refill(node)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run `coro` as a task the upstream owns (cancelled by `close`)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+class Pool:
+    """Connections of one ``(role, keyspace)`` to every node, opened on demand.
+
+    `pick` never waits: it returns an open connection (to `node` when it has one,
+    otherwise round-robin over the others) or None, and starts opening connections up
+    to the configured count in the background. `acquire` waits for the first one when
+    there is none yet. Connections that close leave the pool by themselves.
+    """
+
+    def __init__(self, upstream: Upstream, role: str, keyspace: str | None) -> None:
+        self.upstream = upstream
+        self.role = role
+        self.keyspace = keyspace
+        self.target = upstream.config.connections_per_node
+        self._by_node: dict[Node, list[UpstreamConnection]] = {n: [] for n in upstream.nodes}
+        self.live: list[UpstreamConnection] = []  # open connections, any node
+        self.refs = 0  # clients (and borrowers) using the pool
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._opening: dict[Node, asyncio.Task[UpstreamConnection]] = {}
+        self._short = set(upstream.nodes)  # nodes below `target` connections
+        self._turn = 0
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Pool role={self.role!r} keyspace={self.keyspace!r} live={len(self.live)}>"
+
+    def pick(self, node: Node | None = None) -> UpstreamConnection | None:
+        """An open connection, preferring `node`; None if there is none right now."""
+        if self._short:
+            for short in list(self._short):
+                self._open(short)
+        if node is not None:
+            conns = self._by_node.get(node)
+            if conns:
+                if len(conns) == 1:
+                    return conns[0]
+                return min(conns, key=_in_flight)
+        live = self.live
+        if not live:
+            return None
+        self._turn += 1
+        return live[self._turn % len(live)]
+
+    def any_connection(self) -> UpstreamConnection | None:
+        return self.live[0] if self.live else None
+
+    async def acquire(self, node: Node | None = None) -> UpstreamConnection:
+        """An open connection, waiting for one to open if needed.
+
+        Raises `UpstreamUnavailable` when no node can be reached (or all are backing
+        off) and `UpstreamRefused` when Scylla rejects this role or keyspace.
+        """
+        error: UpstreamError | None = None
+        while True:
+            conn = self.pick(node)
+            if conn is not None:
+                return conn
+            waiting = [self._opening[n] for n in ([node] if node in self._opening else [])]
+            waiting = waiting or list(self._opening.values())
+            if not waiting:
+                if error is not None:
+                    raise error
+                raise UpstreamUnavailable(_no_node_message(
+                    [n.last_error for n in self.upstream.nodes if n.last_error]
+                ))
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.cancelled():
+                    continue  # the pool is closing; the loop ends with no opener left
+                exc = task.exception()
+                if isinstance(exc, UpstreamRefused):
+                    raise exc
+                if isinstance(exc, UpstreamError):
+                    error = exc
+            node = None  # the preferred node failed: any node will do
+
+    def add(self, conn: UpstreamConnection) -> None:
+        """Take an already logged-in connection (closing it if the pool is full)."""
+        node = self._node_named(conn.node)
+        if node is None or self._closed or len(self._by_node[node]) >= self.target:
+            conn.close()
+            return
+        self._attach(node, conn)
+
+    def refill(self, node: Node) -> None:
+        """Open connections to `node` again (it came back)."""
+        if len(self._by_node.get(node, ())) < self.target:
+            self._short.add(node)
+            self._open(node)
+
+    def close(self) -> None:
+        self._closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        for task in self._opening.values():
+            task.cancel()
+        for conn in list(self.live):
+            conn.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _node_named(self, name: str) -> Node | None:
+        for node in self._by_node:
+            if node.name == name:
+                return node
+        return None
+
+    def _open(self, node: Node) -> None:
+        if node in self._opening or self._closed or self.upstream._closed:
+            return
+        if len(self._by_node[node]) >= self.target:
+            self._short.discard(node)
+            return
+        if not node.may_connect(asyncio.get_running_loop().time()):
+            return
+        task = self.upstream.spawn(self.upstream.connect(node, self.role, self.keyspace))
+        self._opening[node] = task
+        task.add_done_callback(lambda t: self._opened(node, t))
+
+    def _opened(self, node: Node, task: asyncio.Task[UpstreamConnection]) -> None:
+        self._opening.pop(node, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            return  # the node is backing off; `acquire` callers saw the error
+        conn = task.result()
+        if self._closed:
+            conn.close()
+            return
+        self._attach(node, conn)
+        if len(self._by_node[node]) < self.target:
+            self._open(node)
+
+    def _attach(self, node: Node, conn: UpstreamConnection) -> None:
+        conns = self._by_node[node]
+        conns.append(conn)
+        self.live.append(conn)
+        if len(conns) >= self.target:
+            self._short.discard(node)
+        conn.on_close = lambda c: self._detach(node, c)
+        self.upstream._attached(node, conn)
+
+    def _detach(self, node: Node, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self._by_node[node].remove(conn)
+        with contextlib.suppress(ValueError):
+            self.live.remove(conn)
+        if not self._closed:
+            self._short.add(node)
+        self.upstream._detached(node, conn, unexpected=not self._closed)
+
+
+def _in_flight(conn: UpstreamConnection) -> int:
+    return conn.in_flight
+
+
+def _ignore(outcome: object) -> None:
+    return None
+
+
+def _error_body(code: int, message: str) -> bytes:
+    return Error(code, message).encode()
+
+
+def _no_node_message(errors: list[str]) -> str:
+    detail = f" (last error: {errors[-1]})" if errors else ""
+    return f"no upstream node reachable{detail}"
+
+
+def _upstream_ssl(config: SidecarConfig) -> ssl.SSLContext | None:
+    if not config.upstream_tls:
+        return None
+    context = ssl.create_default_context(
+        cafile=str(config.upstream_ca) if config.upstream_ca is not None else None
+    )
+    if not config.upstream_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

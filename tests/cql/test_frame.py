@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 from cassandra.connection import locally_supported_compressions
-from cassandra.protocol import ProtocolHandler, QueryMessage
+from cassandra.protocol import QueryMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +22,7 @@ from coalesce.cql import (
     encode_frame,
 )
 from tests.conftest import examples
+from tests.cql.driver_codec import driver_encode
 
 _FRAMES = [
     Frame(4, False, 0, 0, Opcode.OPTIONS, b""),
@@ -92,10 +93,7 @@ def test_bodies_are_bytes_even_when_fed_bytearray() -> None:
 
 def test_decodes_cassandra_driver_query_frame() -> None:
     msg = QueryMessage("SELECT * FROM t", consistency_level=1)
-    raw = ProtocolHandler.encode_message(
-        msg, 42, 4, compressor=None, allow_beta_protocol_version=False
-    )
-    (frame,) = FrameDecoder().feed(bytes(raw))
+    (frame,) = FrameDecoder().feed(driver_encode(msg, 42))
     assert (frame.version, frame.is_response, frame.stream, frame.opcode) == (
         4,
         False,

@@ -15,7 +15,6 @@ from cassandra.protocol import (
     ExecuteMessage,
     OptionsMessage,
     PrepareMessage,
-    ProtocolHandler,
     QueryMessage,
     RegisterMessage,
     StartupMessage,
@@ -87,6 +86,7 @@ from coalesce.cql import (
     split_extras,
 )
 from tests.conftest import examples
+from tests.cql.driver_codec import driver_decode, driver_encode
 
 _INT, _TEXT = parse_type("int"), parse_type("text")
 _COLUMNS = [
@@ -269,8 +269,7 @@ def test_query_parameters_round_trip(
 
 
 def _driver_frame(msg: Any, stream: int = 7) -> tuple[int, bytes]:
-    raw = ProtocolHandler.encode_message(msg, stream, 4, None, False)
-    (frame,) = FrameDecoder().feed(bytes(raw))
+    (frame,) = FrameDecoder().feed(driver_encode(msg, stream))
     assert frame.stream == stream
     extras, body = split_extras(frame.flags, frame.body, response=False)
     assert extras == BodyExtras()
@@ -358,8 +357,7 @@ def test_decodes_driver_batch() -> None:
 def test_decodes_driver_custom_payload_prefix() -> None:
     msg = QueryMessage("SELECT 1", ConsistencyLevel.ONE)
     msg.custom_payload = {"k": b"v"}
-    raw = ProtocolHandler.encode_message(msg, 1, 4, None, False)
-    (frame,) = FrameDecoder().feed(bytes(raw))
+    (frame,) = FrameDecoder().feed(driver_encode(msg, 1))
     extras, body = split_extras(frame.flags, frame.body, response=False)
     assert extras.custom_payload == {"k": b"v"}
     assert peek_query_string(body) == "SELECT 1"
@@ -373,7 +371,7 @@ def _driver_decode(msg: Message, extras: BodyExtras | None = None) -> Any:
     flags = 0
     if extras is not None:
         flags, body = join_extras(extras, body, response=True)
-    return ProtocolHandler.decode_message(4, {}, 1, flags, opcode, body, None, None)
+    return driver_decode(opcode, body, flags=flags)
 
 
 def test_driver_reads_our_rows_with_typed_cells() -> None:
@@ -383,7 +381,7 @@ def test_driver_reads_our_rows_with_typed_cells() -> None:
         [_INT.serialize(2), None, None],
     ]
     body = encode_rows_body(RowsMetadata(_COLUMNS, paging_state=b"next"), rows)
-    decoded = ProtocolHandler.decode_message(4, {}, 1, 0, Opcode.RESULT, body, None, None)
+    decoded = driver_decode(Opcode.RESULT, body)
     assert decoded.column_names == ["id", "name", "tags"]
     assert decoded.paging_state == b"next"
     assert [tuple(r) for r in decoded.parsed_rows] == [(1, "ann", {"a": [1, 2]}), (2, None, None)]

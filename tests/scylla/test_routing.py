@@ -124,7 +124,10 @@ def test_one_driver_cluster_over_independent_instances_keeps_only_one_host(
     points = [split_endpoint(e) for e in instances.emulators]
     cluster = _cluster(points)
     try:
-        cluster.connect()
+        # cassandra-driver keeps the control connection's host; scylla-driver takes the
+        # host from system.local at the default port, reaches none, and says so.
+        with contextlib.suppress(NoHostAvailable):
+            cluster.connect()
         assert len(cluster.metadata.all_hosts()) == 1
     finally:
         cluster.shutdown()

@@ -18,9 +18,9 @@ import pytest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy, TokenAwarePolicy
 
-from coalesce import SingleFlight
 from coalesce.emulator import Emulator, EmulatorThread
 from coalesce.sidecar import Sidecar, SidecarConfig
+from coalesce.sidecar.flights import Flights
 
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ async def eventually(predicate: Callable[[], object], timeout: float = BOUND) ->
             await asyncio.sleep(0)
 
 
-def _settled(group: SingleFlight[Any]) -> bool:
+def _settled(group: Flights) -> bool:
     return not len(group) and not group.running
 
 
@@ -81,7 +81,7 @@ class SidecarThread:
 
     def flights(self) -> tuple[int, int]:
         """(keys in the single-flight table, upstream calls running)."""
-        group = self.sidecar.group
+        group = self.sidecar.flights
         return self.call(lambda: (len(group), group.running))
 
     def close(self) -> None:
@@ -165,7 +165,7 @@ def thread_stack() -> Iterator[Callable[..., ThreadStack]]:
                 cluster.shutdown()
             # Drivers may close with their own background reads in flight: once the
             # sidecar has seen them go, nothing may be left.
-            group = stack.sidecar.sidecar.group
+            group = stack.sidecar.sidecar.flights
             with contextlib.suppress(TimeoutError):
                 stack.sidecar.eventually(partial(_settled, group))
             assert stack.sidecar.flights() == (0, 0), "the sidecar left flights behind"
@@ -205,11 +205,11 @@ async def loop_stack() -> AsyncIterator[Callable[..., Coroutine[Any, Any, LoopSt
     for stack in made:
         try:
             # Let cancelled callers and failed flights finish unwinding.
-            group = stack.sidecar.group
+            group = stack.sidecar.flights
             with contextlib.suppress(TimeoutError):
                 await eventually(partial(_settled, group))
-            assert len(stack.sidecar.group) == 0, "the sidecar left keys in flight"
-            assert stack.sidecar.group.running == 0, "the sidecar left upstream calls running"
+            assert len(stack.sidecar.flights) == 0, "the sidecar left keys in flight"
+            assert stack.sidecar.flights.running == 0, "the sidecar left upstream calls running"
         finally:
             await stack.sidecar.stop()
             await stack.emulator.aclose()

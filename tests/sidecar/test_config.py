@@ -119,11 +119,14 @@ def test_the_advertised_address_is_never_a_wildcard() -> None:
 def test_advertise_takes_host_and_an_optional_port() -> None:
     with_port = SidecarConfig.from_sources(
         _args("--upstream", "h", "--advertise", "10.0.0.9:19042"))
-    assert with_port.advertise == ("10.0.0.9", 19042)
+    assert with_port.advertise == "10.0.0.9:19042"
     assert (with_port.advertised_address, with_port.advertised_port) == ("10.0.0.9", 19042)
     bare = SidecarConfig.from_sources(_args("--upstream", "h", "--advertise", "10.0.0.9"))
     assert (bare.advertised_address, bare.advertised_port) == ("10.0.0.9", None)
-    assert SidecarConfig(upstream=(("h", 1),), advertise="[::1]:9043").advertise == ("::1", 9043)
+    v6 = SidecarConfig(upstream=(("h", 1),), advertise="[::1]:9043")
+    assert (v6.advertised_address, v6.advertised_port) == ("::1", 9043)
+    with pytest.raises(ConfigError, match="advertise: port 99999 out of range"):
+        SidecarConfig(upstream=(("h", 1),), advertise="h:99999")
     with pytest.raises(ConfigError, match="--advertise: port 'x' is not a number"):
         SidecarConfig.from_sources(_args("--upstream", "h", "--advertise", "h:x"))
 

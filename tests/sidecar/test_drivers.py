@@ -13,7 +13,7 @@ import acsylla
 import pytest
 from cassandra.query import SimpleStatement
 
-from coalesce.sidecar.topology import host_id_for
+from coalesce.sidecar.advertised import host_id_for
 
 from .conftest import LoopStack, ThreadStack
 

@@ -62,7 +62,7 @@ def test_killing_scylla_mid_herd_fails_every_waiter_promptly_and_recovers_after_
     futures = [s.execute_async(READ, timeout=BOUND) for s in sessions for _ in range(20)]
     sidecar = stack.sidecar
     # The herd is in flight once the sidecar has sent its one upstream read.
-    group = sidecar.sidecar.group
+    group = sidecar.sidecar.flights
     sidecar.eventually(lambda: group.running)
 
     stack.emulator.call(stack.emulator.emulator.stop)
@@ -87,7 +87,7 @@ async def test_a_client_leaving_mid_flight_leaves_the_others_served(
     stayer = await RawClient.connect("127.0.0.1", stack.sidecar.port)
     leaver_waiter = leaver.send_query(READ)  # starts the flight
     stayer_waiter = stayer.send_query(READ)
-    await eventually(lambda: stack.sidecar.group.running)
+    await eventually(lambda: stack.sidecar.flights.running)
     await leaver.close()
     with pytest.raises(ConnectionError):
         await leaver_waiter
@@ -103,10 +103,10 @@ async def test_when_every_caller_leaves_the_upstream_read_is_abandoned(
     clients = [await RawClient.connect("127.0.0.1", stack.sidecar.port) for _ in range(3)]
     for client in clients:
         client.send_query(READ).add_done_callback(lambda f: f.exception())
-    await eventually(lambda: stack.sidecar.group.running)
+    await eventually(lambda: stack.sidecar.flights.running)
     for client in clients:
         await client.close()
-    await eventually(lambda: not stack.sidecar.group.running and not len(stack.sidecar.group))
+    await eventually(lambda: not stack.sidecar.flights.running and not len(stack.sidecar.flights))
     # The sidecar is still fine for everyone else.
     assert rows_of(await asyncio.wait_for(admin.send_query(READ), BOUND)) == ONE_ROW
     await admin.close()

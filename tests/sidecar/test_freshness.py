@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coalesce.emulator import shard_of
-from coalesce.sidecar.topology import token_of
+from coalesce.sidecar.ring import token_of
 
 from .conftest import LoopStack, ThreadStack, eventually
 from .cqlclient import RawClient, rows_of
@@ -72,7 +72,7 @@ async def test_a_write_to_a_table_makes_later_reads_of_it_start_a_fresh_flight(
     read = f"SELECT v FROM ks.kv WHERE k = {hot}"
     before = stack.emulator.statements["select"]
     early = client.send_query(read)
-    await eventually(lambda: stack.sidecar.group.running)
+    await eventually(lambda: stack.sidecar.flights.running)
     # A write on another shard finishes while the read is still in flight.
     await client.query(f"INSERT INTO ks.kv (k, v) VALUES ({other}, 'x')")
     late = client.send_query(read)
@@ -91,7 +91,7 @@ async def test_a_prepared_write_leaves_reads_of_other_partitions_merged(
     write = await client.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
     before = stack.emulator.statements["select"]
     early = client.send_execute(read.query_id, [_int(hot)])
-    await eventually(lambda: stack.sidecar.group.running)
+    await eventually(lambda: stack.sidecar.flights.running)
     await client.send_execute(write.query_id, [_int(other), b"x"])
     late = client.send_execute(read.query_id, [_int(hot)])
     frames = await asyncio.gather(early, late)

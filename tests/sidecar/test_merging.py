@@ -41,7 +41,7 @@ def test_thousand_identical_queries_from_fifty_connections_reach_scylla_once_per
     thread_stack: Callable[..., ThreadStack],
 ) -> None:
     stack, sessions = _herd_stack(thread_stack)
-    group_stats = stack.sidecar.sidecar.group.stats
+    group_stats = stack.sidecar.sidecar.flights.stats
     assert group_stats is not None
     reads_before = stack.emulator.statements["select"]
     joined_before = stack.sidecar.call(lambda: group_stats.joined)

@@ -44,7 +44,7 @@ def test_a_role_without_select_joining_a_permitted_herd_gets_unauthorized_not_ro
     mallory_session = mallory.connect()
 
     herd = [alice.execute_async(READ) for _ in range(20)]
-    group = stack.sidecar.sidecar.group
+    group = stack.sidecar.sidecar.flights
     stack.sidecar.eventually(lambda: group.running)  # alice's read is in flight upstream
     with pytest.raises(Unauthorized):
         mallory_session.execute(READ)

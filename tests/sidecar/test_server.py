@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from coalesce.cql import ErrorCode, Event, Opcode, Register, SchemaChangeEvent
-from coalesce.sidecar.topology import host_id_for
+from coalesce.sidecar.advertised import host_id_for
 
 from .conftest import BOUND, LoopStack, eventually
 from .cqlclient import CqlError, RawClient, rows_of

@@ -14,15 +14,14 @@ from coalesce.cql import (
     decode_result,
     parse_type,
 )
-from coalesce.sidecar.topology import (
+from coalesce.sidecar.advertised import (
     Identity,
-    Ring,
     advertised_tokens,
     empty_rows,
     host_id_for,
     rewrite_local,
-    token_of,
 )
+from coalesce.sidecar.ring import Ring, token_of
 
 
 def _spec(name: str, cql_type: str) -> ColumnSpec:

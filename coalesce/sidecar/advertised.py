@@ -1,4 +1,4 @@
-"""What the sidecar tells drivers about the cluster, and what it knows of the real one.
+"""What the sidecar tells drivers about the cluster.
 
 Drivers discover nodes from ``system.local`` and ``system.peers``. To keep them talking
 to the sidecar only, its answers describe the sidecar: ``system.local`` is Scylla's row
@@ -6,21 +6,19 @@ with the addresses, host id, tokens (and, when configured, data center and rack)
 replaced by the sidecar's, and the peers tables come back empty. The schema version
 stays Scylla's, so schema agreement checks still work.
 
-`Ring` is the real cluster's token ring (each upstream node's own tokens), used to
-send a request with a known partition to the node that owns it. Which tokens the
-sidecar advertises is decided in one place, `advertised_tokens`: one sidecar owns the
-whole ring for now; a ring of sidecars would each return their share there.
+Which tokens the sidecar advertises is decided in one place, `advertised_tokens`: one
+sidecar owns the whole ring for now; a ring of sidecars would each return their share
+there. A column is only replaced when it has the type the system table gives it, so a
+projection that renames columns (``SELECT host_id AS tokens ...``) comes back as
+Scylla sent it instead of failing.
 """
 
 from __future__ import annotations
 
-import bisect
 import uuid
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-
-from cassandra.murmur3 import murmur3
 
 from coalesce.cql import (
     ColumnSpec,
@@ -29,16 +27,15 @@ from coalesce.cql import (
     RowsMetadata,
     decode_result,
 )
+from coalesce.sidecar.ring import Ring
 
 __all__ = [
     "CLUSTER_TABLES",
     "Identity",
-    "Ring",
     "advertised_tokens",
     "empty_rows",
     "host_id_for",
     "rewrite_local",
-    "token_of",
 ]
 
 CLUSTER_TABLES: Final = frozenset({"local", "peers", "peers_v2"})
@@ -48,17 +45,15 @@ _NAMESPACE: Final = uuid.UUID("6f1c3f3e-9a55-4c6e-9f1e-2b1d6c0a5e11")
 _ADDRESS_COLUMNS: Final = ("rpc_address", "broadcast_address", "listen_address",
                            "native_address", "preferred_ip")
 _PORT_COLUMNS: Final = ("rpc_port", "native_port")
+_COLUMN_TYPES: Final = {
+    **dict.fromkeys(_ADDRESS_COLUMNS, "inet"), **dict.fromkeys(_PORT_COLUMNS, "int"),
+    "host_id": "uuid", "data_center": "text", "rack": "text", "tokens": "set<text>",
+}
 
 
 def host_id_for(address: str, port: int) -> uuid.UUID:
     """The sidecar's host id: stable for one advertised address and port."""
     return uuid.uuid5(_NAMESPACE, f"coalesce-sidecar/{address}:{port}")
-
-
-def token_of(routing_key: bytes) -> int:
-    """The Murmur3 token of a serialized partition key, as Scylla computes it."""
-    token: int = murmur3(routing_key)
-    return token
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,50 +71,6 @@ class Identity:
     @property
     def host_id(self) -> uuid.UUID:
         return host_id_for(self.address, self.port)
-
-
-class Ring:
-    """Tokens of the upstream cluster and the node owning each.
-
-    A token belongs to the node with the smallest token >= it, wrapping around, as in
-    Cassandra's Murmur3 ring. Nodes are any hashable handle. Single event loop.
-    """
-
-    __slots__ = ("_by_node", "_owners", "_tokens")
-
-    def __init__(self) -> None:
-        self._by_node: dict[Hashable, tuple[int, ...]] = {}
-        self._tokens: list[int] = []
-        self._owners: list[Hashable] = []
-
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-    def set_tokens(self, node: Hashable, tokens: Iterable[int]) -> None:
-        """Replace what `node` owns (an empty iterable removes it)."""
-        owned = tuple(sorted(set(tokens)))
-        if owned:
-            self._by_node[node] = owned
-        else:
-            self._by_node.pop(node, None)
-        # Nodes need not be orderable: sort by token, ties by insertion order.
-        pairs = sorted(
-            ((t, i, n) for i, (n, ts) in enumerate(self._by_node.items()) for t in ts),
-            key=lambda item: (item[0], item[1]),
-        )
-        self._tokens = [t for t, _, _ in pairs]
-        self._owners = [n for _, _, n in pairs]
-
-    def owner(self, token: int) -> Hashable | None:
-        """The node owning `token`, None while no node's tokens are known."""
-        if not self._tokens:
-            return None
-        i = bisect.bisect_left(self._tokens, token)
-        return self._owners[i if i < len(self._tokens) else 0]
-
-    def tokens(self) -> frozenset[int]:
-        """Every token of the ring."""
-        return frozenset(self._tokens)
 
 
 def advertised_tokens(ring: Ring, seen: Iterable[str] = ()) -> frozenset[str]:
@@ -161,12 +112,20 @@ def rewrite_local(
         replacements["data_center"] = identity.data_center
     if identity.rack is not None:
         replacements["rack"] = identity.rack
-    positions = {spec.name: i for i, spec in enumerate(specs)}
-    tokens_at = positions.get("tokens")
+    # Only columns of the system table's own type: an alias may put any column
+    # under any of these names, and such a cell is passed through as Scylla sent it.
+    plan = [
+        (i, replacements[spec.name]) for i, spec in enumerate(specs)
+        if spec.name in replacements and spec.type.cql_name == _COLUMN_TYPES[spec.name]
+    ]
+    tokens_at = next(
+        (i for i, spec in enumerate(specs)
+         if spec.name == "tokens" and spec.type.cql_name == _COLUMN_TYPES["tokens"]),
+        None,
+    )
     for row in result.rows:
-        for name, value in replacements.items():
-            i = positions.get(name)
-            if i is not None and row[i] is not None:
+        for i, value in plan:
+            if row[i] is not None:
                 row[i] = _serialize(specs[i], value)
         if tokens_at is not None:
             seen: frozenset[str] = frozenset()
@@ -194,5 +153,5 @@ def empty_rows(body: bytes) -> bytes:
 def _serialize(spec: ColumnSpec, value: Any) -> bytes:
     try:
         return spec.type.serialize(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CQLProtocolError(f"cannot rewrite column {spec.name}: {exc}") from None

@@ -1,0 +1,281 @@
+"""The sidecar's in-flight table: one upstream read per key, any number of waiters.
+
+A waiter is a client connection and a stream id, nothing more: joining a flight
+appends the stream to that connection's list in the flight, so a herd of 10,000
+costs no task, coroutine or future per request. When the answer arrives it is
+written to each waiting connection in one buffer, the frame copied once per stream
+with only the stream id patched.
+
+The contract the sidecar relies on (`SingleFlight`'s, for callbacks):
+
+- a key has at most one flight that new requests may join; `forget(key)` detaches it
+  (its waiters keep their answer, later requests start fresh): read-after-write;
+- ``max_waiters`` per flight, ``max_inflight`` flights sending at once, and a queue of
+  at most ``max_queued`` flights waiting for a slot; a request over a bound is refused
+  at once (the client sees OVERLOADED) and nothing else changes;
+- a connection that closes leaves every flight it waits on; a flight nobody waits for
+  is abandoned: out of the table, its slot freed, its late answer dropped;
+- an upstream failure reaches every waiter of the flight at once.
+
+`len(flights)` counts joinable keys and `running` the flights holding a slot: both are
+zero whenever nothing is in flight. Single event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Final, Protocol, cast
+
+from coalesce.cql import COMPRESSION, Frame, compress_body
+from coalesce.freshness import FreshnessIndex
+from coalesce.metrics import FlightStats
+from coalesce.sidecar.errors import UpstreamError
+from coalesce.sidecar.exchange import Exchange
+from coalesce.sidecar.statements import KnownStatement
+
+if TYPE_CHECKING:
+    from coalesce.sidecar.connection import Outcome
+    from coalesce.sidecar.upstream import Node, Pool
+
+__all__ = ["FULL", "Answer", "Flight", "Flights", "Waiter"]
+
+_RESPONSE_V4: Final = 0x84
+
+
+class Answer:
+    """One upstream response as every waiter of a flight receives it.
+
+    `frame(lz4)` is the 9-byte header (stream 0) and body, built once per encoding;
+    a waiter's copy differs only in its stream id (bytes 2-3).
+    """
+
+    __slots__ = ("_frames", "body", "flags", "opcode")
+
+    def __init__(self, frame: Frame) -> None:
+        self.opcode = frame.opcode
+        self.flags = frame.flags & ~COMPRESSION
+        self.body = frame.body
+        self._frames: list[bytes | None] = [None, None]
+
+    def frame(self, lz4: bool) -> bytes:
+        frames = self._frames
+        built = frames[lz4]
+        if built is None:
+            body = self.body
+            flags = self.flags
+            if lz4 and body:
+                body = compress_body(body)
+                flags |= COMPRESSION
+            built = frames[lz4] = b"".join((
+                bytes((_RESPONSE_V4, flags, 0, 0, self.opcode)),
+                len(body).to_bytes(4, "big"),
+                body,
+            ))
+        return built
+
+
+class Waiter(Protocol):
+    """A client connection, as a flight sees it."""
+
+    def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None: ...
+
+    def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None: ...
+
+
+class Flight(Exchange):
+    """One merged read: its key, its waiters, and the exchange that answers them all."""
+
+    __slots__ = ("count", "flights", "key", "partition", "started", "state", "table",
+                 "waiters")
+
+    def __init__(
+        self,
+        flights: Flights,
+        key: Hashable,
+        pool: Pool,
+        node: Node | None,
+        opcode: int,
+        flags: int,
+        body: bytes,
+        statement: KnownStatement | None,
+        table: Hashable,
+        partition: bytes | None,
+    ) -> None:
+        super().__init__(pool, node, opcode, flags, body, statement)
+        self.flights = flights
+        self.key = key
+        self.table = table
+        self.partition = partition
+        self.waiters: dict[Waiter, list[int]] = {}
+        self.count = 0
+        self.state = _QUEUED
+        self.started = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Flight waiters={self.count} state={self.state}>"
+
+    @property
+    def abandoned(self) -> bool:
+        return self.state != _SENT
+
+    def leave(self, waiter: Waiter) -> None:
+        """`waiter` closed: drop its streams; abandon the flight if nobody is left."""
+        streams = self.waiters.pop(waiter, None)
+        if streams is None:
+            return
+        self.flights.stats.cancelled += len(streams)
+        self.count -= len(streams)
+        if not self.waiters and self.state != _DONE:
+            self.flights._abandon(self)
+
+    def finish(self, outcome: Outcome) -> None:
+        if self.state == _DONE:
+            return  # abandoned: a late answer nobody waits for
+        flights = self.flights
+        flights._ended(self, outcome)
+        waiters = self.waiters
+        self.waiters = {}
+        if isinstance(outcome, UpstreamError):
+            for waiter, streams in waiters.items():
+                waiter.refuse(self, streams, outcome)
+        else:
+            answer = Answer(outcome)
+            for waiter, streams in waiters.items():
+                waiter.answer(self, streams, answer)
+
+    def fail(self, error: UpstreamError) -> None:
+        if self.state != _DONE:
+            self.flights._ended(self, error)
+        waiters = self.waiters
+        self.waiters = {}
+        for waiter, streams in waiters.items():
+            waiter.refuse(self, streams, error)
+
+
+_QUEUED, _SENT, _DONE = "queued", "sent", "done"
+
+FULL: Final = cast(Flight, object())
+"""What `Flights.join` returns for a flight that has all the waiters it may have."""
+
+
+class Flights:
+    """Keys to the `Flight` new requests may join, with the bounds above.
+
+    `freshness` is this table's read-after-write index: every flight is tracked in it
+    from the moment it is sent until it ends or is abandoned.
+    """
+
+    __slots__ = ("_by_key", "_queue", "freshness", "linger", "max_inflight", "max_queued",
+                 "max_waiters", "running", "stats")
+
+    def __init__(
+        self,
+        stats: FlightStats,
+        *,
+        max_waiters: int | None = None,
+        max_inflight: int | None = None,
+        max_queued: int = 0,
+    ) -> None:
+        self.stats = stats
+        self.max_waiters = max_waiters
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.linger = 0.0  # FlightTable: answers are never kept after their flight
+        self.running = 0
+        self._by_key: dict[Hashable, Flight] = {}
+        self._queue: deque[Flight] = deque()
+        self.freshness = FreshnessIndex(self)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def get(self, key: Hashable) -> Flight | None:
+        return self._by_key.get(key)
+
+    def join(self, key: Hashable, waiter: Waiter, stream: int) -> Flight | None:
+        """Add `stream` of `waiter` to the flight of `key` and return that flight.
+
+        None if `key` has no flight (start one); `FULL` (nothing changed) if it has
+        ``max_waiters`` already.
+        """
+        flight = self._by_key.get(key)
+        if flight is None:
+            return None
+        if self.max_waiters is not None and flight.count >= self.max_waiters:
+            self.stats.shed += 1
+            return FULL
+        streams = flight.waiters.get(waiter)
+        if streams is None:
+            flight.waiters[waiter] = [stream]
+        else:
+            streams.append(stream)
+        flight.count += 1
+        self.stats.joined += 1
+        return flight
+
+    def start(self, flight: Flight, waiter: Waiter, stream: int) -> bool:
+        """Make `flight` the key's flight with its first waiter, and send it (or queue it).
+
+        False (nothing changed) when every slot and queue place is taken.
+        """
+        running = self.max_inflight is not None and self.running >= self.max_inflight
+        if running and len(self._queue) >= self.max_queued:
+            self.stats.shed += 1
+            return False
+        flight.waiters[waiter] = [stream]
+        flight.count = 1
+        self.stats.started += 1
+        self._by_key[flight.key] = flight
+        if running:
+            self._queue.append(flight)
+        else:
+            self._send(flight)
+        return True
+
+    def forget(self, key: Hashable) -> bool:
+        """Later requests for `key` start a new flight; the current one keeps its waiters."""
+        flight = self._by_key.pop(key, None)
+        return flight is not None
+
+    def forget_all(self) -> None:
+        self._by_key.clear()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _send(self, flight: Flight) -> None:
+        self.running += 1
+        flight.state = _SENT
+        flight.started = time.perf_counter()
+        self.freshness.track(flight.key, flight.table, flight.partition)
+        flight.start()
+
+    def _release(self, flight: Flight) -> None:
+        """`flight` leaves the table and gives its slot to the next queued flight."""
+        if self._by_key.get(flight.key) is flight:
+            del self._by_key[flight.key]
+        if flight.state == _SENT:
+            self.running -= 1
+            self.freshness.untrack(flight.key, flight.table, flight.partition)
+        elif flight in self._queue:
+            self._queue.remove(flight)
+        flight.state = _DONE
+        queue = self._queue
+        while queue and (self.max_inflight is None or self.running < self.max_inflight):
+            self._send(queue.popleft())
+
+    def _ended(self, flight: Flight, outcome: Outcome) -> None:
+        sent = flight.state == _SENT
+        self._release(flight)
+        if sent:
+            self.stats.ended(outcome if isinstance(outcome, UpstreamError) else None,
+                             flight.count, time.perf_counter() - flight.started)
+
+    def _abandon(self, flight: Flight) -> None:
+        if flight.state == _SENT:
+            self.stats.upstream_cancelled += 1
+        self._release(flight)
