@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -27,7 +28,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _CommandError(Exception):
-    """A bad argument found before running: `main` prints the message, exits 2."""
+    """A bad argument or an unusable target: `main` prints the message, exits `status`."""
+
+    def __init__(self, message: str, *, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _missing_extra(commands: Any, name: str, extra: str, exc: ImportError, **kwargs: Any) -> None:
+    """Register `name` as a subcommand that only says which extra it needs."""
+
+    def run(args: argparse.Namespace) -> int:
+        raise _CommandError(f"needs {exc.name or 'a package'}, which is not installed: "
+                            f"pip install 'coalesce[{extra}]'")
+
+    sub = commands.add_parser(name, add_help=False, **kwargs)
+    sub.set_defaults(run=run, parser=sub, any_arguments=True)
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, int]], use_uvloop: bool) -> int:
     """Run `main` on the default asyncio loop, or on uvloop when asked."""
@@ -60,18 +76,30 @@ def _writable(flag: str, path: Path | None) -> None:
         raise _CommandError(f"{flag} {path}: folder {str(folder)!r} is not writable")
 
 
-def _needs(module: str, what: str, extra: str) -> None:
+def _installed(module: str) -> bool:
     try:
-        found = importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
-        found = False
-    if not found:
+        return False
+
+
+def _needs(module: str, what: str, extra: str) -> None:
+    if not _installed(module):
         raise _CommandError(f"{what} needs {module}: pip install 'coalesce[{extra}]'")
 
 
 def _check_herd_args(args: argparse.Namespace) -> None:
-    if args.driver == "acsylla" and (args.hosts or args.target == "emulator"):
-        _needs("acsylla", "--driver acsylla", "acsylla")
+    if args.hosts or args.target == "emulator":
+        if not args.hosts:
+            _needs("lz4", "the built-in emulator", "bench")
+        if not _installed("cassandra"):  # coalesce.bench.scylla imports it for either driver
+            raise _CommandError(
+                "a driver-backed herd needs cassandra-driver or scylla-driver: "
+                "pip install 'coalesce[bench,cassandra]' (or 'coalesce[bench,scylla]'), "
+                "or use --target inprocess"
+            )
+        if args.driver == "acsylla":
+            _needs("acsylla", "--driver acsylla", "acsylla")
     if args.uvloop:
         _needs("uvloop", "--uvloop", "uvloop")
     if args.plot is not None:
@@ -82,7 +110,6 @@ def _check_herd_args(args: argparse.Namespace) -> None:
 
 def _bench_herd(args: argparse.Namespace) -> int:
     from coalesce.bench import herd
-    from coalesce.bench.scylla import TargetUnreachable
 
     _check_herd_args(args)
 
@@ -93,7 +120,7 @@ def _bench_herd(args: argparse.Namespace) -> int:
 
     def progress(mode: str, done: int, total: int) -> None:
         nonlocal bar
-        if args.quiet or not sys.stderr.isatty():
+        if args.quiet or not sys.stderr.isatty() or not _installed("tqdm"):
             return
         from tqdm import tqdm
 
@@ -116,12 +143,18 @@ def _bench_herd(args: argparse.Namespace) -> int:
             reads = {"direct": target.read, "coalesced": herd.single_flight_read(target)}
             results = await run(target, reads)
         else:
-            from coalesce.bench.scylla import ScyllaTarget
+            from coalesce.bench.scylla import ScyllaTarget, TargetUnreachable
 
-            async with ScyllaTarget(
-                driver=args.driver, hosts=args.hosts, channels=args.channels,
-                latency=config.latency, shards=args.shards,
-            ) as target:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    target = await stack.enter_async_context(ScyllaTarget(
+                        driver=args.driver, hosts=args.hosts, channels=args.channels,
+                        latency=config.latency, shards=args.shards,
+                    ))
+                except TargetUnreachable as exc:
+                    hosts = ",".join(f"{h}:{p}" for h, p in args.hosts or [])
+                    raise _CommandError(f"--hosts {hosts}: {exc}" if hosts else str(exc),
+                                        status=1) from None
                 reads = {"direct": target.read, "coalesced": await target.coalesced(1)}
                 if args.instances > 1:
                     routings = ["hash", "random"] if args.routing == "both" else [args.routing]
@@ -144,12 +177,7 @@ def _bench_herd(args: argparse.Namespace) -> int:
             print(f"plot written to {args.plot}")
         return 0
 
-    try:
-        return run_loop(main, args.uvloop)
-    except TargetUnreachable as exc:
-        source = f"--hosts {','.join(f'{h}:{p}' for h, p in args.hosts)}: " if args.hosts else ""
-        print(f"coalesce bench herd: {source}{exc}", file=sys.stderr)
-        return 1
+    return run_loop(main, args.uvloop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,26 +222,33 @@ def build_parser() -> argparse.ArgumentParser:
     herd.add_argument("--quiet", action="store_true", help="no progress bar")
     herd.set_defaults(run=_bench_herd, parser=herd)
 
-    from coalesce.emulator import command as emulator_command
+    emulator_help = "run the Scylla emulator (a test and benchmark tool, not a database)"
+    try:
+        from coalesce.emulator import command as emulator_command
+    except ImportError as exc:  # the emulator extra (LZ4) is not installed
+        _missing_extra(commands, "emulator", "emulator", exc, help=emulator_help)
+    else:
+        emulator = commands.add_parser(
+            "emulator", help=emulator_help, description=emulator_command.BANNER,
+            usage="%(prog)s [--listen HOST:PORT] [--shards N] [--read-latency DURATION] "
+                  "[options]",
+        )
+        emulator_command.configure_parser(emulator)
+        emulator.set_defaults(run=emulator_command.run, parser=emulator)
 
-    emulator = commands.add_parser(
-        "emulator",
-        help="run the Scylla emulator (a test and benchmark tool, not a database)",
-        description=emulator_command.BANNER,
-        usage="%(prog)s [--listen HOST:PORT] [--shards N] [--read-latency DURATION] [options]",
-    )
-    emulator_command.configure_parser(emulator)
-    emulator.set_defaults(run=emulator_command.run, parser=emulator)
-
-    from coalesce.sidecar import command as sidecar_command
-
-    sidecar = commands.add_parser(
-        "sidecar", help="run the CQL proxy that merges identical concurrent reads",
-        usage="%(prog)s --upstream HOST[:PORT],... [--listen HOST[:PORT]] [--config FILE] "
-              "[options]",
-    )
-    sidecar_command.configure_parser(sidecar)
-    sidecar.set_defaults(parser=sidecar)
+    sidecar_help = "run the CQL proxy that merges identical concurrent reads"
+    try:
+        from coalesce.sidecar import command as sidecar_command
+    except ImportError as exc:  # the sidecar extra (LZ4) is not installed
+        _missing_extra(commands, "sidecar", "sidecar", exc, help=sidecar_help)
+    else:
+        sidecar = commands.add_parser(
+            "sidecar", help=sidecar_help,
+            usage="%(prog)s --upstream HOST[:PORT],... [--listen HOST[:PORT]] [--config FILE] "
+                  "[options]",
+        )
+        sidecar_command.configure_parser(sidecar)
+        sidecar.set_defaults(parser=sidecar)
     return parser
 
 
@@ -232,14 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # reported by the subcommand they were given to, with its usage
+    if unknown and not getattr(args, "any_arguments", False):
+        # reported by the subcommand they were given to, with its usage
         getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     prog = getattr(args, "parser", parser).prog
     try:
         return int(args.run(args))
     except _CommandError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+        return exc.status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

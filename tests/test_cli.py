@@ -146,14 +146,29 @@ def test_version_comes_from_the_installed_metadata(tmp_path: Path) -> None:
     assert done.stdout.strip() == f"coalesce {version('coalesce')}"
 
 
-def test_acsylla_missing_names_the_extra_to_install(tmp_path: Path) -> None:
-    # None in sys.modules makes `import acsylla` fail as if it were not installed.
-    code = ("import sys; sys.modules['acsylla'] = None\n"
+@pytest.mark.parametrize(
+    ("missing", "argv", "says"),
+    [
+        ("acsylla", ("bench", "herd", "--driver", "acsylla"),
+         ("--driver acsylla needs acsylla", "pip install 'coalesce[acsylla]'")),
+        ("cassandra", ("bench", "herd"),
+         ("needs cassandra-driver or scylla-driver", "pip install 'coalesce[bench,cassandra]'")),
+        ("lz4", ("bench", "herd"), ("the built-in emulator needs lz4", "'coalesce[bench]'")),
+        ("lz4", ("sidecar", "--upstream", "h"),
+         ("coalesce sidecar: needs lz4", "pip install 'coalesce[sidecar]'")),
+        ("lz4", ("emulator",), ("coalesce emulator: needs lz4", "'coalesce[emulator]'")),
+    ],
+    ids=["acsylla", "driver", "emulator-for-bench", "sidecar", "emulator"],
+)
+def test_a_missing_extra_is_named_with_the_pip_command(
+    tmp_path: Path, missing: str, argv: tuple[str, ...], says: tuple[str, ...],
+) -> None:
+    # None in sys.modules makes `import <missing>` fail as if it were not installed.
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
             "from coalesce.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = _python(code, "bench", "herd", "--driver", "acsylla", cwd=tmp_path)
+    proc = _python(code, *argv, cwd=tmp_path)
     stdout, stderr = proc.communicate(timeout=_WAIT)
-    assert_one_clear_error(proc.returncode, stderr,
-                           "--driver acsylla needs acsylla", "pip install 'coalesce[acsylla]'")
+    assert_one_clear_error(proc.returncode, stderr, *says)
     assert stdout == ""
 
 
