@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -78,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(config.log_level.upper())
-    gc.set_threshold(config.gc_threshold, *gc.get_threshold()[1:])
     try:
         main = _serve(config)
         if config.uvloop:
@@ -117,7 +115,7 @@ def _check_resolvable(config: SidecarConfig, origins: dict[str, str]) -> None:
 
 
 def _serve(config: SidecarConfig) -> Coroutine[Any, Any, int]:
-    from coalesce.sidecar.server import Sidecar
+    from coalesce.sidecar.server import Sidecar, tune_gc
 
     async def serve() -> int:
         loop = asyncio.get_running_loop()
@@ -132,10 +130,7 @@ def _serve(config: SidecarConfig) -> Coroutine[Any, Any, int]:
                 await sidecar.stop()
                 _log.error("cannot start: %s", exc)
                 return 2
-            if config.gc_freeze:
-                # What start() built lives as long as the process: keep the collector off it.
-                gc.collect()
-                gc.freeze()
+            tune_gc(config)  # after start: what start() built lives as long as the process
             upstream = ", ".join(f"{h}:{p}" for h, p in config.upstream)
             metrics = (f", metrics on {config.metrics[0]}:{sidecar.metrics_port}"
                        if config.metrics is not None else "")
