@@ -4,14 +4,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from coalesce._units import parse_address, parse_duration, positive_int
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are its usage line and one line saying what is
+    wrong (and where to read more): no traceback, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandError(Exception):
+    """A bad argument or an unusable target: `main` prints the message, exits `status`."""
+
+    def __init__(self, message: str, *, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _missing_extra(commands: Any, name: str, extra: str, exc: ImportError, **kwargs: Any) -> None:
+    """Register `name` as a subcommand that only says which extra it needs."""
+
+    def run(args: argparse.Namespace) -> int:
+        raise _CommandError(f"needs {exc.name or 'a package'}, which is not installed: "
+                            f"pip install 'coalesce[{extra}]'")
+
+    sub = commands.add_parser(name, add_help=False, **kwargs)
+    sub.set_defaults(run=run, parser=sub, any_arguments=True)
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, int]], use_uvloop: bool) -> int:
     """Run `main` on the default asyncio loop, or on uvloop when asked."""
@@ -31,8 +63,55 @@ def _hosts(text: str) -> list[tuple[str, int]]:
     return hosts
 
 
+def _writable(flag: str, path: Path | None) -> None:
+    """Fail now, not after the benchmark, if `path` cannot be written."""
+    if path is None:
+        return
+    folder = path.parent
+    if path.is_dir():
+        raise _CommandError(f"{flag} {path}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise _CommandError(f"{flag} {path}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise _CommandError(f"{flag} {path}: folder {str(folder)!r} is not writable")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _needs(module: str, what: str, extra: str) -> None:
+    if not _installed(module):
+        raise _CommandError(f"{what} needs {module}: pip install 'coalesce[{extra}]'")
+
+
+def _check_herd_args(args: argparse.Namespace) -> None:
+    if args.hosts or args.target == "emulator":
+        if not args.hosts:
+            _needs("lz4", "the built-in emulator", "bench")
+        if not _installed("cassandra"):  # coalesce.bench.scylla imports it for either driver
+            raise _CommandError(
+                "a driver-backed herd needs cassandra-driver or scylla-driver: "
+                "pip install 'coalesce[bench,cassandra]' (or 'coalesce[bench,scylla]'), "
+                "or use --target inprocess"
+            )
+        if args.driver == "acsylla":
+            _needs("acsylla", "--driver acsylla", "acsylla")
+    if args.uvloop:
+        _needs("uvloop", "--uvloop", "uvloop")
+    if args.plot is not None:
+        _needs("matplotlib", "--plot", "plot")
+    _writable("--json", args.json)
+    _writable("--plot", args.plot)
+
+
 def _bench_herd(args: argparse.Namespace) -> int:
     from coalesce.bench import herd
+
+    _check_herd_args(args)
 
     config = herd.HerdConfig(
         callers=args.callers, latency=args.latency, channels=args.channels, spread=args.spread
@@ -41,7 +120,7 @@ def _bench_herd(args: argparse.Namespace) -> int:
 
     def progress(mode: str, done: int, total: int) -> None:
         nonlocal bar
-        if args.quiet or not sys.stderr.isatty():
+        if args.quiet or not sys.stderr.isatty() or not _installed("tqdm"):
             return
         from tqdm import tqdm
 
@@ -64,12 +143,18 @@ def _bench_herd(args: argparse.Namespace) -> int:
             reads = {"direct": target.read, "coalesced": herd.single_flight_read(target)}
             results = await run(target, reads)
         else:
-            from coalesce.bench.scylla import ScyllaTarget
+            from coalesce.bench.scylla import ScyllaTarget, TargetUnreachable
 
-            async with ScyllaTarget(
-                driver=args.driver, hosts=args.hosts, channels=args.channels,
-                latency=config.latency, shards=args.shards,
-            ) as target:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    target = await stack.enter_async_context(ScyllaTarget(
+                        driver=args.driver, hosts=args.hosts, channels=args.channels,
+                        latency=config.latency, shards=args.shards,
+                    ))
+                except TargetUnreachable as exc:
+                    hosts = ",".join(f"{h}:{p}" for h, p in args.hosts or [])
+                    raise _CommandError(f"--hosts {hosts}: {exc}" if hosts else str(exc),
+                                        status=1) from None
                 reads = {"direct": target.read, "coalesced": await target.coalesced(1)}
                 if args.instances > 1:
                     routings = ["hash", "random"] if args.routing == "both" else [args.routing]
@@ -96,15 +181,18 @@ def _bench_herd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="coalesce", description="Single-flight request coalescing in front of ScyllaDB."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"coalesce {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = commands.add_parser("bench", help="thundering-herd benchmarks")
-    scenarios = bench.add_subparsers(dest="scenario", required=True)
+    scenarios = bench.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     herd = scenarios.add_parser(
-        "herd", help="N concurrent reads of one hot key, with and without coalescing"
+        "herd", help="N concurrent reads of one hot key, with and without coalescing",
+        usage="%(prog)s [--callers N] [--latency DURATION] [--target {emulator,inprocess} | "
+              "--hosts HOST[:PORT],...] [options]",
     )
     herd.add_argument("--callers", type=positive_int, default=10_000,
                       help="concurrent callers (default 10,000)")
@@ -132,32 +220,64 @@ def build_parser() -> argparse.ArgumentParser:
     herd.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     herd.add_argument("--uvloop", action="store_true", help="run on uvloop")
     herd.add_argument("--quiet", action="store_true", help="no progress bar")
-    herd.set_defaults(run=_bench_herd)
+    herd.set_defaults(run=_bench_herd, parser=herd)
 
-    from coalesce.emulator import command as emulator_command
+    emulator_help = "run the Scylla emulator (a test and benchmark tool, not a database)"
+    try:
+        from coalesce.emulator import command as emulator_command
+    except ImportError as exc:  # the emulator extra (LZ4) is not installed
+        _missing_extra(commands, "emulator", "emulator", exc, help=emulator_help)
+    else:
+        emulator = commands.add_parser(
+            "emulator", help=emulator_help, description=emulator_command.BANNER,
+            usage="%(prog)s [--listen HOST:PORT] [--shards N] [--read-latency DURATION] "
+                  "[options]",
+        )
+        emulator_command.configure_parser(emulator)
+        emulator.set_defaults(run=emulator_command.run, parser=emulator)
 
-    emulator = commands.add_parser(
-        "emulator",
-        help="run the Scylla emulator (a test and benchmark tool, not a database)",
-        description=emulator_command.BANNER,
-    )
-    emulator_command.configure_parser(emulator)
-    emulator.set_defaults(run=emulator_command.run)
-
-    from coalesce.sidecar import command as sidecar_command
-
-    sidecar = commands.add_parser(
-        "sidecar", help="run the CQL proxy that merges identical concurrent reads"
-    )
-    sidecar_command.configure_parser(sidecar)
+    sidecar_help = "run the CQL proxy that merges identical concurrent reads"
+    try:
+        from coalesce.sidecar import command as sidecar_command
+    except ImportError as exc:  # the sidecar extra (LZ4) is not installed
+        _missing_extra(commands, "sidecar", "sidecar", exc, help=sidecar_help)
+    else:
+        sidecar = commands.add_parser(
+            "sidecar", help=sidecar_help,
+            usage="%(prog)s --upstream HOST[:PORT],... [--listen HOST[:PORT]] [--config FILE] "
+                  "[options]",
+        )
+        sidecar_command.configure_parser(sidecar)
+        sidecar.set_defaults(parser=sidecar)
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("coalesce")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one ``coalesce`` subcommand; returns its exit status.
+
+    Bad arguments print the subcommand's usage and one line, exit 2; Ctrl-C prints one
+    line and exits 130. Neither prints a traceback.
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        # reported by the subcommand they were given to, with its usage
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    prog = getattr(args, "parser", parser).prog
     try:
         return int(args.run(args))
+    except _CommandError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.status
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -27,6 +27,27 @@ def examples(n: int) -> int:
     return n * FUZZ_FACTOR
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """When fuzzing, scale every test's timeout by FUZZ_FACTOR along with its budget.
+
+    A test's timeout is its closest ``timeout`` marker, else the ini ``timeout``; the
+    scaled one is put in front of the test's own markers, so it is the closest.
+    """
+    if FUZZ_FACTOR == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        kwargs = dict(marker.kwargs) if marker is not None else {}
+        if marker is not None and marker.args:
+            seconds = float(marker.args[0])
+        else:
+            seconds = float(kwargs.pop("timeout", default))
+        kwargs.pop("timeout", None)
+        if seconds > 0:  # 0 already means no timeout
+            item.add_marker(pytest.mark.timeout(seconds * FUZZ_FACTOR, **kwargs), append=False)
+
+
 @pytest.fixture
 def groups() -> Iterator[Callable[..., SingleFlight[Any]]]:
     """Make `SingleFlight` groups; after the test every one of them must be empty.

@@ -144,14 +144,27 @@ async def _herd(
         loop.create_task(caller(i % config.channels, arrivals.uniform(0, config.spread)))
         for i in range(config.callers)
     ]
-    await asyncio.sleep(0)  # every caller is parked on the gate
-    cpu, wall = time.process_time(), time.perf_counter()
-    gate.set()
-    done = asyncio.gather(*tasks)
-    while progress is not None and not done.done():
-        progress(mode, len(latencies), config.callers)
-        await asyncio.wait([done], timeout=0.2)
-    await done
+    done: asyncio.Future[list[None]] | None = None
+    try:
+        await asyncio.sleep(0)  # every caller is parked on the gate
+        cpu, wall = time.process_time(), time.perf_counter()
+        gate.set()
+        done = asyncio.gather(*tasks)
+        while progress is not None and not done.done():
+            progress(mode, len(latencies), config.callers)
+            await asyncio.wait([done], timeout=0.2)
+        await done
+    except asyncio.CancelledError:
+        # Interrupted (Ctrl-C): the callers end with the run. Open the gate first: a
+        # caller cancelled while parked removes itself from the gate's waiter deque, and
+        # in the arbitrary order asyncio.run cancels leftover tasks that is O(callers^2);
+        # woken in order, each removal is O(1).
+        gate.set()
+        for task in tasks:
+            task.cancel()
+        if done is not None:  # it now holds a CancelledError; asyncio would log it at exit
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
     if progress is not None:
         progress(mode, len(latencies), config.callers)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall

@@ -20,7 +20,7 @@ from coalesce.router import Router
 from coalesce.scylla import CoalescingSession
 from coalesce.scylla.cassandra_driver import as_asyncio
 
-__all__ = ["ScyllaTarget"]
+__all__ = ["ScyllaTarget", "TargetUnreachable"]
 
 KEYSPACE = "coalesce_bench"
 _SCHEMA = (
@@ -38,13 +38,18 @@ _SELECT = f"SELECT * FROM {KEYSPACE}.messages WHERE channel_id = ? AND bucket = 
 _MESSAGES_PER_CHANNEL = 50
 
 
+class TargetUnreachable(ConnectionError):
+    """The database did not take a connection; the message says where and why."""
+
+
 class ScyllaTarget:
     """Hot channels behind a real driver; use as ``async with``.
 
     With no ``hosts`` it starts an in-process emulator with the given latency model
     (one shard serves a partition's reads one at a time, as in Scylla) and counts
     upstream reads on the emulator itself; against a real cluster it counts the
-    reads that left this process.
+    reads that left this process. Entering raises `TargetUnreachable` when no node
+    takes a connection.
     """
 
     def __init__(
@@ -80,10 +85,18 @@ class ScyllaTarget:
             )
             await self._emulator.start()
             hosts = [(self._emulator.host, self._emulator.port)]
-        if self.driver == "acsylla":
-            await self._connect_acsylla(hosts)
-        else:
-            await self._connect_cassandra(hosts)
+        try:
+            if self.driver == "acsylla":
+                await self._connect_acsylla(hosts)
+            else:
+                await self._connect_cassandra(hosts)
+        except Exception as exc:
+            reason = _unreachable_reason(exc)
+            await self.__aexit__(None, None, None)
+            if reason is None:
+                raise
+            where = ",".join(f"{host}:{port}" for host, port in hosts)
+            raise TargetUnreachable(f"cannot connect to {where}: {reason}") from exc
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -102,14 +115,18 @@ class ScyllaTarget:
                 [h for h, _ in hosts], port=hosts[0][1], protocol_version=4,
                 schema_metadata_enabled=False,
             )
-            session = cluster.connect()
-            for ddl in _SCHEMA:
-                session.execute(ddl)
-            insert = session.prepare(_INSERT)
-            for channel in range(self.channels):
-                for message in range(_MESSAGES_PER_CHANNEL):
-                    session.execute(insert, (channel, 0, message, 1, f"message {message}"))
-            return cluster, session, session.prepare(_SELECT)
+            try:
+                session = cluster.connect()
+                for ddl in _SCHEMA:
+                    session.execute(ddl)
+                insert = session.prepare(_INSERT)
+                for channel in range(self.channels):
+                    for message in range(_MESSAGES_PER_CHANNEL):
+                        session.execute(insert, (channel, 0, message, 1, f"message {message}"))
+                return cluster, session, session.prepare(_SELECT)
+            except BaseException:
+                cluster.shutdown()  # its threads would keep the process alive
+                raise
 
         # Blocking driver calls leave the loop free: the emulator may live on it.
         self._cluster, self._session, self._select = await asyncio.to_thread(connect)
@@ -195,3 +212,21 @@ class ScyllaTarget:
             return await sessions[name].execute(prepared, params(key))
 
         return read
+
+
+def _unreachable_reason(exc: Exception) -> str | None:
+    """Why no node took a connection, in a few words; None if `exc` is another failure."""
+    from cassandra.cluster import NoHostAvailable
+
+    if isinstance(exc, NoHostAvailable):
+        errors = exc.errors if isinstance(exc.errors, dict) else {}
+        if not errors:
+            return "no host available"
+        inner = next(iter(errors.values()))
+        text = str(getattr(inner, "strerror", None) or inner)
+        return text.rpartition("Last error: ")[2].lower() or "no host available"
+    if isinstance(exc, OSError):
+        return (exc.strerror or str(exc)).lower()
+    if type(exc).__name__ == "CassErrorLibNoHostsAvailable":  # acsylla
+        return str(exc)
+    return None

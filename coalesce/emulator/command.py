@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import signal
+import socket
 import sys
 
 from coalesce import _units
@@ -60,6 +62,22 @@ def parse_port_or_none(text: str) -> int | None:
     if not 0 <= port <= 65535:
         raise _units.BadValue(f"port out of range: {port}")
     return port
+def _ip_address(text: str) -> tuple[str, int]:
+    """`parse_address`, with a host name resolved to the IP the emulator binds and
+    reports in ``system.local`` (an inet column: it needs an IP literal)."""
+    host, port = parse_address(text)
+    if host == "localhost":
+        return host, port
+    try:
+        ipaddress.ip_address(host)
+        return host, port
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise _units.BadValue(f"cannot resolve host {host!r} in {text!r}") from None
+    return str(infos[0][4][0]), port
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +85,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = BANNER
     parser.add_argument(
         "--listen",
-        type=parse_address,
+        type=_ip_address,
         default=("127.0.0.1", 9042),
         metavar="HOST:PORT",
         help="address to serve CQL on (default 127.0.0.1:9042)",
@@ -98,7 +116,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metrics",
-        type=parse_address,
+        type=_ip_address,
         default=None,
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP on this address",
