@@ -83,7 +83,7 @@ class EmulatorConfig:
     metrics: tuple[str, int] | None = None
     shard_aware: bool = False
     shard_aware_port: int | None = 0
-    cross_shard_latency: float = 20e-6
+    cross_shard_latency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -119,7 +119,7 @@ class Emulator:
         metrics: tuple[str, int] | None = None,
         shard_aware: bool = False,
         shard_aware_port: int | None = 0,
-        cross_shard_latency: float = 20e-6,
+        cross_shard_latency: float = 0.0,
     ) -> None:
         self.config = EmulatorConfig(
             host=host,

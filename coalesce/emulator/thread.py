@@ -49,7 +49,7 @@ class EmulatorThread:
         metrics: tuple[str, int] | None = None,
         shard_aware: bool = False,
         shard_aware_port: int | None = 0,
-        cross_shard_latency: float = 20e-6,
+        cross_shard_latency: float = 0.0,
     ) -> None:
         # Validate now, in the caller's thread, rather than inside the loop thread.
         self.config = EmulatorConfig(

@@ -111,7 +111,7 @@ def test_cli_flags_map_onto_the_shard_aware_settings() -> None:
     assert (plain.shard_aware, plain.shard_aware_port, plain.cross_shard_latency) == (
         False,
         0,
-        20e-6,
+        0.0,
     )
     args = ["--shard-aware", "--shard-aware-port", "none", "--cross-shard-latency", "50us"]
     config = config_from_args(parser.parse_args(args))
