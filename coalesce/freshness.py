@@ -78,8 +78,14 @@ class FreshnessIndex:
 
     def track(self, key: Hashable, table: Table, partition: Partition) -> None:
         """A read under flight `key` started; pair with exactly one `untrack`."""
-        keys = self._tables.setdefault(table, {}).setdefault(partition, {})
-        keys[key] = keys.get(key, 0) + 1
+        partitions = self._tables.get(table)
+        if partitions is None:
+            partitions = self._tables[table] = {}
+        keys = partitions.get(partition)
+        if keys is None:
+            partitions[partition] = {key: 1}
+        else:
+            keys[key] = keys.get(key, 0) + 1
 
     def untrack(self, key: Hashable, table: Table, partition: Partition) -> None:
         """The read `track` announced ended (its result may still linger)."""

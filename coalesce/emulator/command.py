@@ -147,7 +147,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="DURATION",
         help="extra time a request pays when its partitions live on another shard than its "
-        "connection's (default 0: off; the event loop rounds timers to 1 ms, so a hop below that costs about 1 ms)",
+        "connection's (default 0: off; timers round to 1 ms, so a shorter hop costs 1 ms)",
     )
 
 

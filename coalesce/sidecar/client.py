@@ -76,7 +76,6 @@ from coalesce.sidecar.login import LoginRelay
 from coalesce.sidecar.outbox import Outbox
 from coalesce.sidecar.plan import Forward, Merge, Plan, Unprepared, Use, partition_of, plan
 from coalesce.sidecar.proxy import Proxy
-from coalesce.sidecar.ring import token_of
 from coalesce.sidecar.upstream import Pool
 
 __all__ = ["ClientConnection"]
@@ -111,9 +110,7 @@ class _Forward(Exchange):
         self, client: ClientConnection, stream: int, request: Request, plan: Forward,
         pool: Pool, partition: bytes | None,
     ) -> None:
-        node = None
-        if partition is not None:
-            node = pool.upstream.node_for_token(token_of(partition))
+        node = pool.upstream.node_for_partition(partition)
         super().__init__(pool, node, request.opcode, request.flags, request.body, plan.statement)
         self.client = client
         self.stream = stream
@@ -318,18 +315,21 @@ class ClientConnection(asyncio.Protocol):
         out = self._out
         if out is None or self._closed:
             return
+        if len(streams) == 1:  # one copy of the body, as for a forwarded answer
+            body = answer.lz4_body() if self._lz4 and answer.body else answer.body
+            flags = answer.flags | _COMPRESSION if body is not answer.body else answer.flags
+            out.put(_HEADER.pack(_RESPONSE_V4, flags, streams[0], answer.opcode, len(body))
+                    + body)
+            return
+        # One buffer for the whole connection; only the stream ids differ.
         frame = answer.frame(self._lz4)
         size = len(frame)
-        if len(streams) == 1:
-            data = bytearray(frame)
-            _STREAM.pack_into(data, 2, streams[0])
-        else:  # one buffer for the whole connection, only the stream ids differ
-            data = bytearray(frame * len(streams))
-            pack = _STREAM.pack_into
-            offset = 2
-            for stream in streams:
-                pack(data, offset, stream)
-                offset += size
+        data = bytearray(frame * len(streams))
+        pack = _STREAM.pack_into
+        offset = 2
+        for stream in streams:
+            pack(data, offset, stream)
+            offset += size
         out.put(data)
 
     def _answer_now(self, stream: int, flight: Flight) -> None:
@@ -570,7 +570,7 @@ class ClientConnection(asyncio.Protocol):
         assert pool is not None
         statement = p.statement
         partition = partition_of(request, statement)
-        node = None if partition is None else proxy.upstream.node_for_token(token_of(partition))
+        node = proxy.upstream.node_for_partition(partition)
         flight = Flight(flights, p.key, pool, node, request.opcode, request.flags, request.body,
                         statement, p.table, partition)
         if flights.start(flight, self, request.stream):

@@ -55,13 +55,20 @@ class Answer:
     a waiter's copy differs only in its stream id (bytes 2-3).
     """
 
-    __slots__ = ("_frames", "body", "flags", "opcode")
+    __slots__ = ("_frames", "_lz4", "body", "flags", "opcode")
 
     def __init__(self, frame: Frame) -> None:
         self.opcode = frame.opcode
         self.flags = frame.flags & ~COMPRESSION
         self.body = frame.body
         self._frames: list[bytes | None] = [None, None]
+        self._lz4: bytes | None = None
+
+    def lz4_body(self) -> bytes:
+        """The body compressed, once for every LZ4 client."""
+        if self._lz4 is None:
+            self._lz4 = compress_body(self.body)
+        return self._lz4
 
     def frame(self, lz4: bool) -> bytes:
         frames = self._frames
@@ -70,7 +77,7 @@ class Answer:
             body = self.body
             flags = self.flags
             if lz4 and body:
-                body = compress_body(body)
+                body = self.lz4_body()
                 flags |= COMPRESSION
             built = frames[lz4] = b"".join((
                 bytes((_RESPONSE_V4, flags, 0, 0, self.opcode)),

@@ -53,7 +53,7 @@ from coalesce.sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from coalesce.sidecar.ring import Ring
+from coalesce.sidecar.ring import Ring, token_of
 
 __all__ = ["Node", "Pool", "Upstream", "plain_username"]
 
@@ -243,6 +243,12 @@ class Upstream:
         if self._pools.get((pool.role, pool.keyspace)) is pool:
             del self._pools[(pool.role, pool.keyspace)]
         pool.close()
+
+    def node_for_partition(self, partition: bytes | None) -> Node | None:
+        """The node owning a serialized partition key (None: unknown, or one node)."""
+        if partition is None or len(self.nodes) < 2:
+            return None
+        return self.node_for_token(token_of(partition))
 
     def node_for_token(self, token: int) -> Node | None:
         owner = self.ring.owner(token)
