@@ -82,49 +82,52 @@ def _self_test() -> str | None:
 def _run_self_test() -> str | None:
     loop = asyncio.new_event_loop()
     try:
-        return loop.run_until_complete(_swap_round_trip(loop))
+        checked: asyncio.Future[str | None] = loop.create_future()
+        # From a plain callback, so that a swap that misbehaves cannot upset a task.
+        loop.call_soon(_check_swap, loop, checked)
+        return loop.run_until_complete(checked)
     except Exception as exc:  # any surprise means: do not rely on it
         return f"self-test failed: {exc!r}"
     finally:
         loop.close()
 
 
-async def _swap_round_trip(loop: AbstractEventLoop) -> str | None:
-    """Swap the current task out and back, as a first step does, and check every view."""
-    caller = asyncio.current_task()
-    assert caller is not None
+def _check_swap(loop: AbstractEventLoop, checked: asyncio.Future[str | None]) -> None:
+    """Swap a parked task in as current and out again, as a first step does."""
+    try:
+        checked.set_result(_swap_round_trip(loop))
+    except Exception as exc:
+        checked.set_exception(exc)
+
+
+def _swap_round_trip(loop: AbstractEventLoop) -> str | None:
     release = loop.create_future()
 
     async def parked() -> None:
         await release
 
-    owner = loop.create_task(parked())
-    quiet_when_destroyed(owner)
-    seen: list[Task[Any] | None] = []
-
     async def first_step() -> None:
         seen.append(asyncio.current_task())
         await asyncio.sleep(0)
 
+    owner = loop.create_task(parked())
+    quiet_when_destroyed(owner)
+    seen: list[Task[Any] | None] = [asyncio.current_task(loop)]
+    swap_current_task(loop, None, owner)
     try:
-        await asyncio.sleep(0)  # the owner is parked on `release`
-        swap_current_task(loop, caller, owner)
-        try:
-            seen.append(asyncio.current_task(loop))
-            step = first_step()
-            step.send(None)  # runs up to its bare yield, as `do` runs a first step
-            step.close()
-        finally:
-            swap_current_task(loop, owner, caller)
-        seen.append(asyncio.current_task())
-        if seen != [owner, owner, caller]:
-            return f"current_task() did not follow the swap ({seen!r})"
-        if owner._log_destroy_pending:  # type: ignore[attr-defined]
-            return "Task._log_destroy_pending cannot be cleared"
-        return None
+        seen.append(asyncio.current_task(loop))
+        step = first_step()
+        step.send(None)  # runs up to its bare yield, as `do` runs a first step
+        step.close()
     finally:
-        release.set_result(None)
-        await owner
+        swap_current_task(loop, owner, None)
+    seen.append(asyncio.current_task(loop))
+    release.set_result(None)
+    if seen != [None, owner, owner, None]:
+        return f"current_task() did not follow the swap ({seen!r})"
+    if owner._log_destroy_pending:  # type: ignore[attr-defined]
+        return "Task._log_destroy_pending cannot be cleared"
+    return None
 
 
 FALLBACK_REASON: str | None = (

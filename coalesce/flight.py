@@ -25,7 +25,6 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import CollectorRegistry
 
 from coalesce import _asyncio_compat
-from coalesce._asyncio_compat import quiet_when_destroyed, swap_current_task
 from coalesce.errors import LoopMismatchError, Overloaded, ReentrantCallError
 from coalesce.metrics import FlightStats, register
 
@@ -95,7 +94,7 @@ class _Runner:
         self.standby = self.loop.create_task(
             _owner(self.job), name="coalesce-flight", context=contextvars.Context()
         )
-        quiet_when_destroyed(self.standby)
+        _asyncio_compat.quiet_when_destroyed(self.standby)
         _track_owner(self.standby)
 
     def ready(self) -> Task[Any]:
@@ -448,7 +447,7 @@ class SingleFlight(Generic[T]):
                     context = contextvars.copy_context()
                     owner = runner.ready()
                     runner.busy = True
-                    swap_current_task(loop, caller, owner)
+                    _asyncio_compat.swap_current_task(loop, caller, owner)
                     try:
                         pending = context.run(call.send, None)
                     except StopIteration as stop:
@@ -466,7 +465,7 @@ class SingleFlight(Generic[T]):
                             self._stats.ended(exc, 1, time.perf_counter() - started)
                         raise
                     finally:
-                        swap_current_task(loop, owner, caller)
+                        _asyncio_compat.swap_current_task(loop, owner, caller)
                         runner.busy = False
                     flight = _Flight(key, loop.create_future())
                     flight.started_at = started
