@@ -148,7 +148,9 @@ class CoalescingSession:
         key = self._quick_key(statement, parameters, options)
         if key is not None:  # a herd's callers come this way: only the first builds a Call
             read = self._read_quick
-            return await self.group.do(key, read, statement, parameters, timeout=timeout)
+            waiting = self.group.do(key, read, statement, parameters, timeout=timeout)
+            del key  # held by the flight's table if needed, not by each waiter
+            return await waiting
         call = self._driver.call(statement, parameters, options)
         if call.key is None:
             try:
