@@ -13,8 +13,8 @@ interleaved in one run (compare within the run; these machines are noisy):
 
 CPU per caller is the event loop thread's (the drivers' own I/O threads, which
 acsylla keeps busy, would only add noise; they serve one request per herd either
-way), best-of-N, and the session layer is the difference between the last two, with the garbage collector on (what an
-application sees) and off (the Python work alone).
+way), best-of-N, and the session layer is the difference between the last two, with
+the garbage collector on (what an application sees) and off (the Python work alone).
 """
 
 from __future__ import annotations

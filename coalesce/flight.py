@@ -7,6 +7,11 @@ suspends is handed to a task of its own so that no caller's cancellation can rea
 During that inline step `asyncio.current_task()` is already the task that will own the
 call, so `asyncio.timeout()` or a `TaskGroup` opened by the function binds to the call,
 never to the caller; and it runs in a copy of the caller's context, as a task would.
+Callers then wait on one future per flight, not one each (see `_Flight`).
+
+The inline step needs private asyncio API, kept in `coalesce._asyncio_compat` and
+checked at import; where it does not behave as assumed, every call runs in a plain
+task of its own instead: the same contract, slower.
 """
 
 from __future__ import annotations
@@ -255,7 +260,10 @@ class SingleFlight(Generic[T]):
     The function runs its first step inside the first caller's `do`, with a task of
     the group's as `current_task()`, in a copy of the caller's context; a call that
     suspends goes on in that task. A call that never suspends is never seen by anyone
-    else, so it costs no more than a plain `await`.
+    else, so it costs no more than a plain `await`. (Under the plain-task fallback of
+    `coalesce._asyncio_compat` every call starts in a task of its own, as a call that
+    suspends does; a KeyboardInterrupt raised by the function then ends the event
+    loop, as from any task, instead of reaching the first caller.)
     """
 
     def __init__(
