@@ -372,9 +372,58 @@ class SingleFlight(Generic[T]):
             if self._stats is not None:
                 self._stats.joined += 1
         else:
-            flight = self._arrive(flight, key, fn, args, kwargs, loop, caller, max_waiters)
-            if type(flight) is not _Flight:  # the call finished in its first step
-                return flight  # type: ignore[no-any-return]
+            if flight is None:
+                if self.max_inflight is not None and self._running >= self.max_inflight:
+                    flight = self._enqueue(key, fn, args, kwargs, loop)
+                else:
+                    runner = self._runner
+                    self._running += 1  # counted during the first step: nested calls see it
+                    try:
+                        call = fn(*args, **kwargs)
+                    except BaseException:
+                        self._running -= 1
+                        raise
+                    if runner is None or runner.busy or type(call) is not types.CoroutineType:
+                        # No inline step: the fallback, a first step nested inside another
+                        # one, or not a coroutine.
+                        flight = self._start(key, call, loop)
+                    else:
+                        started = time.perf_counter()
+                        context = contextvars.copy_context()
+                        owner = runner.ready()
+                        runner.busy = True
+                        _asyncio_compat.swap_current_task(loop, caller, owner)
+                        try:
+                            pending = context.run(call.send, None)
+                        except StopIteration as stop:
+                            self._running -= 1
+                            if self._stats is not None:
+                                self._stats.started += 1
+                                self._stats.ended(None, 1, time.perf_counter() - started)
+                            if self.linger and key not in self._flights:
+                                self._linger(key, stop.value)
+                            return stop.value  # type: ignore[no-any-return]
+                        except BaseException as exc:
+                            self._running -= 1
+                            if self._stats is not None:
+                                self._stats.started += 1
+                                self._stats.ended(exc, 1, time.perf_counter() - started)
+                            raise
+                        finally:
+                            _asyncio_compat.swap_current_task(loop, owner, caller)
+                            runner.busy = False
+                        flight = _Flight(key, loop.create_future())
+                        flight.started_at = started
+                        # A call nested in the first step may have taken the key meanwhile:
+                        # then this one runs detached, for its first caller alone.
+                        self._flights.setdefault(key, flight)
+                        runner.hand_off((self, flight, call, context, pending))
+                if self._stats is not None:
+                    self._stats.started += 1
+            else:
+                flight = self._join(flight, caller, max_waiters)
+                if type(flight) is not _Flight:  # a lingering result
+                    return flight  # type: ignore[no-any-return]
             shared = flight.shared
             nested = caller in _owners  # a call made from inside another call's owner task
             if shared is None or timeout is not None or nested or caller is None:
@@ -421,72 +470,15 @@ class SingleFlight(Generic[T]):
             fn, args, kwargs = functools.partial(fn, *args, **kwargs), (), None
         return self.do(key, fn, *args, timeout=timeout, **(kwargs or {}))
 
-    def _arrive(
-        self,
-        flight: _Flight | None,
-        key: Hashable,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        loop: AbstractEventLoop,
-        caller: Task[Any] | None,
-        max_waiters: int | None,
+    def _join(
+        self, flight: _Flight, caller: Task[Any] | None, max_waiters: int | None
     ) -> Any:
-        """Every arrival but the common joiner's: the flight to wait for, or the result.
+        """A joiner the common path did not take: the flight to wait for, or the result.
 
-        Starts the call (running its first step inline, or queueing it), refuses a
-        caller past a bound or one that would wait for itself, or serves a lingering
-        result. Returns the flight, or the call's result if it ended in its first step.
+        Serves a lingering result, refuses a caller past ``max_waiters`` or one that
+        would wait for itself, or counts the caller in.
         """
-        if flight is None:
-            if self.max_inflight is not None and self._running >= self.max_inflight:
-                flight = self._enqueue(key, fn, args, kwargs, loop)
-            else:
-                runner = self._runner
-                self._running += 1  # counted during the first step: nested calls see it
-                try:
-                    call = fn(*args, **kwargs)
-                except BaseException:
-                    self._running -= 1
-                    raise
-                if runner is None or runner.busy or type(call) is not types.CoroutineType:
-                    # No inline step: the fallback, a first step nested inside another
-                    # one, or not a coroutine.
-                    flight = self._start(key, call, loop)
-                else:
-                    started = time.perf_counter()
-                    context = contextvars.copy_context()
-                    owner = runner.ready()
-                    runner.busy = True
-                    _asyncio_compat.swap_current_task(loop, caller, owner)
-                    try:
-                        pending = context.run(call.send, None)
-                    except StopIteration as stop:
-                        self._running -= 1
-                        if self._stats is not None:
-                            self._stats.started += 1
-                            self._stats.ended(None, 1, time.perf_counter() - started)
-                        if self.linger and key not in self._flights:
-                            self._linger(key, stop.value)
-                        return stop.value
-                    except BaseException as exc:
-                        self._running -= 1
-                        if self._stats is not None:
-                            self._stats.started += 1
-                            self._stats.ended(exc, 1, time.perf_counter() - started)
-                        raise
-                    finally:
-                        _asyncio_compat.swap_current_task(loop, owner, caller)
-                        runner.busy = False
-                    flight = _Flight(key, loop.create_future())
-                    flight.started_at = started
-                    # A call nested in the first step may have taken the key meanwhile:
-                    # then this one runs detached, for its first caller alone.
-                    self._flights.setdefault(key, flight)
-                    runner.hand_off((self, flight, call, context, pending))
-            if self._stats is not None:
-                self._stats.started += 1
-        elif flight.done:
+        if flight.done:
             if self._stats is not None:
                 self._stats.joined += 1
             return flight.result
