@@ -7,6 +7,11 @@ suspends is handed to a task of its own so that no caller's cancellation can rea
 During that inline step `asyncio.current_task()` is already the task that will own the
 call, so `asyncio.timeout()` or a `TaskGroup` opened by the function binds to the call,
 never to the caller; and it runs in a copy of the caller's context, as a task would.
+Callers then wait on one future per flight, not one each (see `_Flight`).
+
+The inline step needs private asyncio API, kept in `coalesce._asyncio_compat` and
+checked at import; where it does not behave as assumed, every call runs in a plain
+task of its own instead: the same contract, slower.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import threading
 import time
 import types
 from asyncio import AbstractEventLoop, CancelledError, Future, Task
-from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Hashable
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from coalesce import _asyncio_compat
 from coalesce.errors import LoopMismatchError, Overloaded, ReentrantCallError
 from coalesce.metrics import FlightStats, register
 
@@ -35,21 +40,32 @@ K = TypeVar("K", bound=Hashable)
 
 
 class _Flight:
-    """One upstream call and the callers waiting for it."""
+    """One upstream call and the callers waiting for it.
+
+    Callers wait on one future, `shared`, that the outcome settles once. A caller's
+    task cancelled while it waits cancels that future (Task.cancel cancels what the
+    task awaits): every caller on it wakes, the cancelled one leaves, and the others
+    notice they were not cancelled and wait on with a future of their own in
+    `waiters`, as do later callers (`shared` is then None). So a herd costs one future,
+    and a flight pays the price of private futures only once someone has left it.
+    """
 
     __slots__ = (
-        "args", "context", "done", "exception", "fn", "key", "kwargs", "linger", "result",
-        "started_at", "task", "waiters", "waiting",
+        "args", "context", "done", "exception", "fn", "key", "kwargs", "left", "linger",
+        "result", "shared", "started_at", "task", "traceback", "waiters", "waiting",
     )
 
-    def __init__(self, key: Hashable) -> None:
+    def __init__(self, key: Hashable, shared: Future[Any] | None) -> None:
         self.key = key
-        self.waiters: list[Future[Any]] = []
-        self.waiting = 0  # callers still waiting (cancelled ones leave their future behind)
+        self.shared = shared
+        self.waiters: list[Future[Any]] = []  # private futures (cancelled ones stay behind)
+        self.waiting = 0  # callers still waiting
+        self.left = 0  # callers that gave up waiting
         self.task: Task[Any] | None = None  # None while queued behind max_inflight
         self.done = False
         self.result: Any = None
         self.exception: BaseException | None = None
+        self.traceback: types.TracebackType | None = None  # the exception's, as raised
         self.linger: asyncio.TimerHandle | None = None
         self.started_at = 0.0
         self.fn: Callable[..., Awaitable[Any]] | None = None  # set while queued
@@ -83,7 +99,7 @@ class _Runner:
         self.standby = self.loop.create_task(
             _owner(self.job), name="coalesce-flight", context=contextvars.Context()
         )
-        self.standby._log_destroy_pending = False  # type: ignore[attr-defined]
+        _asyncio_compat.quiet_when_destroyed(self.standby)
         _track_owner(self.standby)
 
     def ready(self) -> Task[Any]:
@@ -159,6 +175,9 @@ def _resume(
 async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
+
+_get_running_loop = asyncio.get_running_loop
+_current_task = asyncio.current_task
 
 _runners: dict[AbstractEventLoop, _Runner] = {}
 _runners_lock = threading.Lock()  # loops in several threads may bind at once
@@ -241,7 +260,10 @@ class SingleFlight(Generic[T]):
     The function runs its first step inside the first caller's `do`, with a task of
     the group's as `current_task()`, in a copy of the caller's context; a call that
     suspends goes on in that task. A call that never suspends is never seen by anyone
-    else, so it costs no more than a plain `await`.
+    else, so it costs no more than a plain `await`. (Under the plain-task fallback of
+    `coalesce._asyncio_compat` every call starts in a task of its own, as a call that
+    suspends does; a KeyboardInterrupt raised by the function then ends the event
+    loop, as from any task, instead of reaching the first caller.)
     """
 
     def __init__(
@@ -315,7 +337,7 @@ class SingleFlight(Generic[T]):
         for key in list(self._flights):
             self.forget(key)
 
-    def do(
+    async def do(
         self,
         key: Hashable,
         fn: Callable[..., Awaitable[T]],
@@ -323,7 +345,7 @@ class SingleFlight(Generic[T]):
         *args: Any,
         timeout: float | None = None,
         **kwargs: Any,
-    ) -> Coroutine[Any, Any, T]:
+    ) -> T:
         """Return the outcome of ``fn(*args, **kwargs)``, shared by key.
 
         If no call for `key` is in flight, this caller starts one; otherwise it joins
@@ -333,9 +355,108 @@ class SingleFlight(Generic[T]):
         A call that awaits its own key from inside itself would wait for itself: it
         gets `ReentrantCallError` instead.
         """
-        return self.call(key, fn, args, kwargs, timeout=timeout)
+        loop = _get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        flight = self._flights.get(key)
+        caller = _current_task(loop)
+        max_waiters = self.max_waiters
+        if (
+            flight is not None
+            and (shared := flight.shared) is not None
+            and timeout is None
+            and (max_waiters is None or flight.waiting < max_waiters)
+            and caller is not None
+            and caller not in _owners
+        ):  # the common joiner, checked first: a herd is made of them
+            if self._stats is not None:
+                self._stats.joined += 1
+        else:
+            if flight is None:
+                if self.max_inflight is not None and self._running >= self.max_inflight:
+                    flight = self._enqueue(key, fn, args, kwargs, loop)
+                else:
+                    runner = self._runner
+                    self._running += 1  # counted during the first step: nested calls see it
+                    try:
+                        call = fn(*args, **kwargs)
+                    except BaseException:
+                        self._running -= 1
+                        raise
+                    if runner is None or runner.busy or type(call) is not types.CoroutineType:
+                        # No inline step: the fallback, a first step nested inside another
+                        # one, or not a coroutine.
+                        flight = self._start(key, call, loop)
+                    else:
+                        started = time.perf_counter()
+                        context = contextvars.copy_context()
+                        owner = runner.ready()
+                        runner.busy = True
+                        _asyncio_compat.swap_current_task(loop, caller, owner)
+                        try:
+                            pending = context.run(call.send, None)
+                        except StopIteration as stop:
+                            self._running -= 1
+                            if self._stats is not None:
+                                self._stats.started += 1
+                                self._stats.ended(None, 1, time.perf_counter() - started)
+                            if self.linger and key not in self._flights:
+                                self._linger(key, stop.value)
+                            return stop.value  # type: ignore[no-any-return]
+                        except BaseException as exc:
+                            self._running -= 1
+                            if self._stats is not None:
+                                self._stats.started += 1
+                                self._stats.ended(exc, 1, time.perf_counter() - started)
+                            raise
+                        finally:
+                            _asyncio_compat.swap_current_task(loop, owner, caller)
+                            runner.busy = False
+                        flight = _Flight(key, loop.create_future())
+                        flight.started_at = started
+                        # A call nested in the first step may have taken the key meanwhile:
+                        # then this one runs detached, for its first caller alone.
+                        self._flights.setdefault(key, flight)
+                        runner.hand_off((self, flight, call, context, pending))
+                if self._stats is not None:
+                    self._stats.started += 1
+            else:
+                flight = self._join(flight, caller, max_waiters)
+                if type(flight) is not _Flight:  # a lingering result
+                    return flight  # type: ignore[no-any-return]
+            shared = flight.shared
+            nested = caller in _owners  # a call made from inside another call's owner task
+            if shared is None or timeout is not None or nested or caller is None:
+                flight.waiting += 1
+                return await self._wait(flight, loop, caller, nested, timeout)  # type: ignore[no-any-return]
+        flight.waiting += 1
+        cancelled = caller.cancelling()
+        # A herd's waiters hold nothing they no longer need: 10,000 keys and argument
+        # tuples kept alive are 10,000 more objects for every garbage collection.
+        del key, fn, args, kwargs
+        try:
+            return await shared  # type: ignore[no-any-return]
+        except CancelledError:
+            if caller.cancelling() > cancelled or isinstance(flight.exception, CancelledError):
+                self._leave(flight, timed_out=False)  # this caller, or the call, was cancelled
+                raise
+            # Another caller's cancellation reached the shared future: carry on (below,
+            # outside this handler, so that a shared exception never gets it as context).
+        except GeneratorExit:
+            raise  # closed by the garbage collector: its loop is gone
+        except BaseException as exc:
+            if exc is not flight.exception:
+                self._leave(flight, timed_out=isinstance(exc, TimeoutError))
+            raise
+        if flight.done:  # the outcome landed in the same turn
+            if flight.exception is None:
+                return flight.result  # type: ignore[no-any-return]
+            raise flight.exception.with_traceback(flight.traceback)
+        if flight.shared is shared:
+            flight.shared = None
+        return await self._wait(flight, loop, caller, False, None)  # type: ignore[no-any-return]
 
-    async def call(
+    def call(
         self,
         key: Hashable,
         fn: Callable[..., Awaitable[T]],
@@ -343,89 +464,49 @@ class SingleFlight(Generic[T]):
         kwargs: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
-    ) -> T:
+    ) -> Coroutine[Any, Any, T]:
         """`do`, with the arguments of `fn` passed as a tuple and a dict."""
-        if kwargs is None:
-            kwargs = {}
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
-        flight = self._flights.get(key)
-        stats = self._stats
-        caller = asyncio.current_task(loop)
-        nested = caller in _owners  # a call made from inside another call's owner task
-        if flight is None:
-            if self.max_inflight is not None and self._running >= self.max_inflight:
-                flight = self._enqueue(key, fn, args, kwargs)
-            else:
-                runner = self._runner
-                assert runner is not None
-                self._running += 1  # counted during the first step: nested calls see it
-                try:
-                    call = fn(*args, **kwargs)
-                except BaseException:
-                    self._running -= 1
-                    raise
-                if runner.busy or type(call) is not types.CoroutineType:
-                    # Nested inside another first step, or not a coroutine: no inline step.
-                    flight = self._start(key, call, loop)
-                else:
-                    started = time.perf_counter()
-                    context = contextvars.copy_context()
-                    owner = runner.ready()
-                    runner.busy = True
-                    if caller is not None:
-                        _leave_task(loop, caller)
-                    _enter_task(loop, owner)
-                    try:
-                        pending = context.run(call.send, None)
-                    except StopIteration as stop:
-                        self._running -= 1
-                        if stats is not None:
-                            stats.started += 1
-                            stats.ended(None, 1, time.perf_counter() - started)
-                        if self.linger and key not in self._flights:
-                            self._linger(key, stop.value)
-                        return stop.value  # type: ignore[no-any-return]
-                    except BaseException as exc:
-                        self._running -= 1
-                        if stats is not None:
-                            stats.started += 1
-                            stats.ended(exc, 1, time.perf_counter() - started)
-                        raise
-                    finally:
-                        _leave_task(loop, owner)
-                        if caller is not None:
-                            _enter_task(loop, caller)
-                        runner.busy = False
-                    flight = _Flight(key)
-                    flight.started_at = started
-                    # A call nested in the first step may have taken the key meanwhile:
-                    # then this one runs detached, for its first caller alone.
-                    self._flights.setdefault(key, flight)
-                    runner.hand_off((self, flight, call, context, pending))
-            if stats is not None:
-                stats.started += 1
-        elif flight.done:
-            if stats is not None:
-                stats.joined += 1
-            return flight.result  # type: ignore[no-any-return]
-        elif self.max_waiters is not None and flight.waiting >= self.max_waiters:
-            if stats is not None:
-                stats.shed += 1
+        if kwargs and "timeout" in kwargs:  # for `fn`, not for `do`
+            fn, args, kwargs = functools.partial(fn, *args, **kwargs), (), None
+        return self.do(key, fn, *args, timeout=timeout, **(kwargs or {}))
+
+    def _join(
+        self, flight: _Flight, caller: Task[Any] | None, max_waiters: int | None
+    ) -> Any:
+        """A joiner the common path did not take: the flight to wait for, or the result.
+
+        Serves a lingering result, refuses a caller past ``max_waiters`` or one that
+        would wait for itself, or counts the caller in.
+        """
+        if flight.done:
+            if self._stats is not None:
+                self._stats.joined += 1
+            return flight.result
+        elif max_waiters is not None and flight.waiting >= max_waiters:
+            if self._stats is not None:
+                self._stats.shed += 1
             raise Overloaded(f"{self.name}: a key already has {flight.waiting} callers waiting")
         else:
-            if nested and _waits_on(flight, caller):  # only owners can close a cycle
+            if caller in _owners and _waits_on(flight, caller):  # only owners can close a cycle
                 raise ReentrantCallError(
                     f"{self.name}: a call would wait for itself "
                     "(it awaits its own key, directly or through other coalesced calls)"
                 )
-            if stats is not None:
-                stats.joined += 1
+            if self._stats is not None:
+                self._stats.joined += 1
+        return flight
 
-        waiter: Future[T] = loop.create_future()
+    async def _wait(
+        self,
+        flight: _Flight,
+        loop: AbstractEventLoop,
+        caller: Task[Any] | None,
+        nested: bool,
+        timeout: float | None,
+    ) -> Any:
+        """Wait for `flight` on a future of this caller's own (already counted waiting)."""
+        waiter: Future[Any] = loop.create_future()
         flight.waiters.append(waiter)
-        flight.waiting += 1
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
         if nested:
             assert caller is not None
@@ -454,11 +535,11 @@ class SingleFlight(Generic[T]):
         self._queue.clear()
         self._running = 0
         self._loop = loop
-        self._runner = _runner_for(loop)
+        self._runner = _runner_for(loop) if _asyncio_compat.INLINE_FIRST_STEP else None
 
     def _start(self, key: Hashable, call: Awaitable[Any], loop: AbstractEventLoop) -> _Flight:
         """Run `call` in a task of its own (`_running` already counts it)."""
-        flight = _Flight(key)
+        flight = _Flight(key, loop.create_future())
         self._flights.setdefault(key, flight)
         flight.started_at = time.perf_counter()
         self._launch(flight, call, loop, None)
@@ -490,6 +571,7 @@ class SingleFlight(Generic[T]):
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        loop: AbstractEventLoop,
     ) -> _Flight:
         if len(self._queue) >= self.max_queued:
             if self._stats is not None:
@@ -497,7 +579,7 @@ class SingleFlight(Generic[T]):
             raise Overloaded(
                 f"{self.name}: {self._running} calls in flight and {len(self._queue)} queued"
             )
-        flight = self._flights[key] = _Flight(key)
+        flight = self._flights[key] = _Flight(key, loop.create_future())
         flight.fn, flight.args, flight.kwargs = fn, args, kwargs
         flight.context = contextvars.copy_context()  # the call runs as its first caller's
         self._queue.append(flight)
@@ -553,7 +635,21 @@ class SingleFlight(Generic[T]):
         self._running -= 1
         stats = self._stats
         if stats is not None:
-            stats.ended(exception, len(flight.waiters), time.perf_counter() - flight.started_at)
+            callers = flight.waiting + flight.left
+            stats.ended(exception, callers, time.perf_counter() - flight.started_at)
+        shared, flight.shared = flight.shared, None
+        if shared is not None and not shared.done():
+            if exception is None:
+                shared.set_result(result)
+            elif isinstance(exception, CancelledError):
+                shared.cancel()
+            else:
+                shared.set_exception(exception)
+                shared.exception()  # nobody may be awaiting it: not "never retrieved"
+        elif exception is None:
+            flight.result = result  # for callers woken by another's cancellation
+        else:
+            flight.traceback = exception.__traceback__
         waiters, flight.waiters = flight.waiters, []
         if exception is None:
             for waiter in waiters:
@@ -576,7 +672,7 @@ class SingleFlight(Generic[T]):
     def _linger(self, key: Hashable, result: Any) -> None:
         """Serve `result` to callers of `key` for ``linger`` seconds."""
         assert self._loop is not None
-        flight = self._flights[key] = _Flight(key)
+        flight = self._flights[key] = _Flight(key, None)
         flight.done = True
         flight.result = result
         flight.linger = self._loop.call_later(self.linger, self._unlinger, flight)
@@ -595,6 +691,7 @@ class SingleFlight(Generic[T]):
         if flight.done:
             return  # it left in the turn the flight ended: counted, nothing to undo
         flight.waiting -= 1
+        flight.left += 1
         if flight.waiting:
             waiters = flight.waiters
             if len(waiters) > 2 * flight.waiting + 16:  # callers churn on a long flight

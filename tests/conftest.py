@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from coalesce import SingleFlight
+from coalesce import SingleFlight, _asyncio_compat
 
 pytest_plugins = ["tests.fixtures_emulator"]
 
@@ -46,6 +46,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         kwargs.pop("timeout", None)
         if seconds > 0:  # 0 already means no timeout
             item.add_marker(pytest.mark.timeout(seconds * FUZZ_FACTOR, **kwargs), append=False)
+@pytest.fixture(params=["inline", "task"])
+def first_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the inline first step, then again under the plain-task fallback.
+
+    The single-flight contract holds either way; see `coalesce._asyncio_compat`.
+    """
+    if request.param == "task":
+        monkeypatch.setattr(_asyncio_compat, "INLINE_FIRST_STEP", False)
+    elif not _asyncio_compat.INLINE_FIRST_STEP:
+        pytest.skip(f"no inline first step here: {_asyncio_compat.FALLBACK_REASON}")
+    return str(request.param)
+
+
+@pytest.fixture
+def inline_only(first_step: str) -> None:
+    """Skip under the fallback a test that pins how the inline first step works."""
+    if first_step == "task":
+        pytest.skip("pins the inline first step, which the plain-task fallback does without")
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ import pytest
 from coalesce import SingleFlight, coalesced
 from tests.conftest import settle
 
+# Every test runs with the inline first step and under the plain-task fallback.
+pytestmark = pytest.mark.usefixtures("first_step")
+
 
 class Gate:
     def __init__(self) -> None:

@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry
 from coalesce import LoopMismatchError, Overloaded, SingleFlight
 from tests.conftest import Backend, settle
 
+# Every test runs with the inline first step and under the plain-task fallback.
+pytestmark = pytest.mark.usefixtures("first_step")
+
 
 async def test_concurrent_callers_share_one_call_and_its_result(groups):
     group, backend = groups(), Backend()

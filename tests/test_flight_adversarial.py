@@ -32,6 +32,9 @@ from coalesce import Overloaded, SingleFlight, coalesced
 from coalesce.freshness import FreshnessIndex
 from tests.conftest import Backend, settle
 
+# Every test runs with the inline first step and under the plain-task fallback.
+pytestmark = pytest.mark.usefixtures("first_step")
+
 
 async def suspends_once(value: Any = "value") -> Any:
     await asyncio.sleep(0)
@@ -77,6 +80,7 @@ def assert_idle(group: SingleFlight[Any]) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("inline_only")
 async def test_cancelling_the_parked_owner_task_does_not_break_later_calls():
     group = fresh()
     await warm_up(group)
@@ -507,6 +511,7 @@ async def test_function_raising_cancelled_error_itself_cancels_every_waiter(grou
     assert all(c.cancelled() for c in callers)
 
 
+@pytest.mark.usefixtures("inline_only")
 async def test_keyboard_interrupt_in_first_step_restores_the_callers_task(groups):
     group = groups()
     await warm_up(group)  # so that the first step runs inline, in this task's `do`
@@ -806,6 +811,7 @@ class _InterleavingLoop(asyncio.SelectorEventLoop):
         return super().is_closed()
 
 
+@pytest.mark.usefixtures("inline_only")  # the table of parked owners, one per loop
 def test_binding_new_loops_from_two_threads_at_once():
     outcomes: dict[str, Any] = {}
 
@@ -1123,6 +1129,100 @@ async def test_callers_leaving_in_the_turn_the_flight_ends_are_counted(leaves_by
     with pytest.raises(expected):
         await leaving
     assert _sample(registry, "coalesce_callers_total", outcome=outcome) == 1
+
+
+# --------------------------------------------------------------------------------------
+# One shared future per flight: a caller's cancellation wakes the others, who go on
+# --------------------------------------------------------------------------------------
+
+
+async def test_cancelling_one_caller_of_a_herd_leaves_the_others_waiting_uncancelled(groups):
+    group, backend = groups(), Backend()
+    callers = [asyncio.create_task(group.do("k", backend)) for _ in range(50)]
+    await settle()
+    callers[10].cancel()
+    await settle()
+    assert callers[10].cancelled()
+    others = callers[:10] + callers[11:]
+    assert not any(c.done() for c in others)
+    assert all(c.cancelling() == 0 for c in others)
+    late = [asyncio.create_task(group.do("k", backend)) for _ in range(5)]
+    await settle()
+    assert backend.calls == 1 and backend.cancelled == 0
+    backend.release()
+    assert await asyncio.gather(*others, *late) == ["answer"] * 54
+
+
+async def test_each_of_several_cancelled_callers_leaves_alone(groups):
+    group, backend = groups(), Backend()
+    callers = [asyncio.create_task(group.do("k", backend)) for _ in range(20)]
+    await settle()
+    for turn, caller in enumerate(callers[:5]):  # one storm, then private futures
+        caller.cancel()
+        await settle()
+        assert caller.cancelled()
+        assert not any(c.done() for c in callers[turn + 1 :])
+    backend.release()
+    assert await asyncio.gather(*callers[5:]) == ["answer"] * 15
+
+
+async def test_caller_already_cancelling_when_it_joins_is_not_taken_for_the_cancelled_one(
+    groups,
+):
+    group, backend = groups(), Backend()
+    first = asyncio.create_task(group.do("k", backend))
+    await settle()
+
+    async def joins_while_cancelling() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # swallowed: the request stays counted
+        assert task.cancelling() == 1
+        return await group.do("k", backend)
+
+    patient = asyncio.create_task(joins_while_cancelling())
+    await settle()
+    first.cancel()  # wakes every caller on the shared future
+    await settle()
+    assert first.cancelled() and not patient.done()
+    backend.release()
+    assert await patient == "answer"
+
+
+@pytest.mark.parametrize("outcome", ["result", "error"])
+@pytest.mark.parametrize("first", ["cancel", "outcome"])
+async def test_outcome_landing_in_the_turn_a_caller_is_cancelled_reaches_the_others(
+    first, outcome, groups
+):
+    group, backend = groups(), Backend()
+    callers = [asyncio.create_task(group.do("k", backend)) for _ in range(4)]
+    await settle()
+    boom = LookupError("shared")
+    # The cancellation wakes every caller; the outcome lands before or after they run.
+    if first == "cancel":
+        callers[0].cancel()
+    backend.release(exc=boom if outcome == "error" else None)
+    if first == "outcome":
+        callers[0].cancel()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == (["answer"] * 3 if outcome == "result" else [boom] * 3)
+    if outcome == "error":
+        assert all(r is boom for r in results[1:])
+        assert len(traceback.extract_tb(boom.__traceback__)) < 10
+
+
+async def test_caller_with_a_timeout_leaving_does_not_wake_the_herd(groups):
+    group, backend = groups(), Backend()
+    herd = [asyncio.create_task(group.do("k", backend)) for _ in range(10)]
+    await settle()
+    with pytest.raises(TimeoutError):
+        await group.do("k", backend, timeout=0)
+    assert not any(c.done() for c in herd)
+    backend.release()
+    assert await asyncio.gather(*herd) == ["answer"] * 10
 
 
 # --------------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from coalesce import SingleFlight
 from tests.conftest import settle
+
+# Every test runs with the inline first step and under the plain-task fallback.
+pytestmark = pytest.mark.usefixtures("first_step")
 
 OPS = st.lists(
     st.one_of(

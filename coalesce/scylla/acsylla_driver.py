@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +12,7 @@ from typing import Any
 import acsylla
 
 from coalesce.cql.classify import StatementInfo, classify
+from coalesce.keys import types_of
 from coalesce.scylla.rows import Rows
 from coalesce.scylla.session import Call
 
@@ -17,6 +21,11 @@ __all__ = ["AcsyllaDriver", "Prepared"]
 # Options that change the answer, in key order; `timeout` does not, `native_types` does.
 _KEYED = ("page_size", "paging_state", "consistency", "serial_consistency",
           "execution_profile", "native_types")
+# Values of these types are their own frozen form: a flat sequence of them needs no
+# recursive freezing (its types are keyed beside it, so 1, 1.0 and True stay distinct).
+_FLAT = frozenset({int, float, bool, str, bytes, type(None), uuid.UUID, decimal.Decimal,
+                   datetime.date, datetime.datetime, datetime.time})
+_KNOWN_LIMIT = 1024  # prepared statements remembered for the quick key
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +40,29 @@ class Prepared:
     statement: Any
     query: str
     keyspace: str | None
+
+
+_flat_kinds: set[tuple[type, ...]] = set()  # the type tuples found flat: one lookup
+
+
+def _is_flat(kinds: tuple[type, ...]) -> bool:
+    if not _FLAT.issuperset(kinds):
+        return False
+    if len(_flat_kinds) < 4096:
+        _flat_kinds.add(kinds)
+    return True
+
+
+def _values_key(parameters: Any) -> tuple[Hashable, Hashable]:
+    """Bound values as two hashable parts: flat values and their types, or a frozen form."""
+    if parameters is None:
+        return None, None
+    if type(parameters) is list or type(parameters) is tuple:
+        values = tuple(parameters)
+        kinds = types_of(values)
+        if kinds in _flat_kinds or _is_flat(kinds):
+            return values, kinds
+    return _freeze(parameters), None
 
 
 def _freeze(value: Any) -> Hashable:
@@ -51,6 +83,41 @@ class AcsyllaDriver:
         self.session = session
         self.scope = scope if scope is not None else ("acsylla", id(session))
         self.keyspace = keyspace
+        # id(Prepared) -> (Prepared, whether its reads are shared, keyspace, identity)
+        self._known: dict[int, tuple[Prepared, bool, str | None, Hashable]] = {}
+
+    def quick_key(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Hashable:
+        """The key `call` gives a prepared SELECT with flat values and no options, or None."""
+        if options or type(statement) is not Prepared:
+            return None
+        known = self._known.get(id(statement))
+        if known is None or known[0] is not statement:
+            info = classify(statement.query)
+            if len(self._known) >= _KNOWN_LIMIT:
+                self._known.clear()
+            known = self._known[id(statement)] = (
+                statement, info.coalescable,
+                info.keyspace or statement.keyspace, ("prepared", statement.query),
+            )
+        if not known[1]:
+            return None
+        kind = type(parameters)
+        values: tuple[Any, ...] | None
+        kinds: tuple[type, ...] | None
+        if kind is list:
+            values = tuple(parameters)
+        elif kind is tuple:
+            values = parameters
+        elif parameters is None:
+            values = kinds = None
+        else:
+            return None
+        if values is not None:
+            kinds = types_of(values)
+            if kinds not in _flat_kinds and not _is_flat(kinds):
+                return None
+        # The options of _KEYED, all None: spelled out, a star would build a list first.
+        return (self.scope, known[2], known[3], values, kinds, None, None, None, None, None, None)
 
     async def prepare(self, query: str) -> Prepared:
         return Prepared(await self.session.create_prepared(query), query, self.keyspace)
@@ -75,8 +142,9 @@ class AcsyllaDriver:
         table = (keyspace, info.table) if info.table is not None else None
         if not info.coalescable:
             return Call(None, info, table, statement, parameters, options)
-        values = _freeze(parameters) if parameters is not None else None
-        key = (self.scope, keyspace, identity, values, *(options.get(k) for k in _KEYED))
+        # One flat tuple (hashed at every lookup); `quick_key` builds the same one.
+        key = (self.scope, keyspace, identity, *_values_key(parameters),
+               *(options.get(k) for k in _KEYED))
         return Call(key, info, table, statement, parameters, options)
 
     def partition(self, call: Call) -> bytes | None:

@@ -17,6 +17,7 @@ from cassandra.query import (
 )
 
 from coalesce.cql.classify import StatementInfo, classify
+from coalesce.keys import types_of
 from coalesce.scylla.rows import Rows
 from coalesce.scylla.session import Call
 
@@ -24,6 +25,8 @@ __all__ = ["CassandraDriver", "as_asyncio"]
 
 _NOT_SHARED = ("trace", "custom_payload", "host")
 _BATCH = StatementInfo("batch")
+_SERIALIZED = "serialized"  # in a key's place of value types: the values are bytes as bound
+_KNOWN_LIMIT = 1024  # prepared statements remembered for the quick key
 
 
 def as_asyncio(response: ResponseFuture, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Rows]:
@@ -61,6 +64,58 @@ class CassandraDriver:
     def __init__(self, session: Session, scope: Hashable | None) -> None:
         self.session = session
         self.scope = scope if scope is not None else ("cassandra-driver", id(session))
+        # id(prepared) -> (prepared, whether its reads are shared, keyspace or None)
+        self._known: dict[int, tuple[PreparedStatement, bool, str | None]] = {}
+
+    def quick_key(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Hashable:
+        """The key of the commonest shared read, or None for `call` to decide.
+
+        The commonest read is a prepared SELECT with its values in a tuple or list and
+        no options. The key is the one `call` gives for it, built without building a
+        `Call`: every caller of a herd pays for this, only the first for `call`.
+        """
+        if options or type(statement) is not PreparedStatement:
+            return None
+        known = self._known.get(id(statement))
+        if known is None or known[0] is not statement:
+            known = self._learn(statement)
+        if not known[1]:
+            return None
+        kind = type(parameters)
+        if kind is tuple:
+            values = parameters
+        elif kind is list:
+            values = tuple(parameters)
+        elif parameters is None:
+            values = ()
+        else:
+            return None
+        try:
+            hash(values)
+        except TypeError:
+            return None
+        return (
+            self.scope,
+            known[2] or self.session.keyspace,
+            statement.query_id,
+            values,
+            types_of(values),  # typed: 1, 1.0 and True are different reads
+            statement.consistency_level,
+            statement.serial_consistency_level,
+            statement.fetch_size,
+            None,  # paging state
+            None,  # execution profile
+            None,  # execute_as
+        )
+
+    def _learn(self, prepared: PreparedStatement) -> tuple[PreparedStatement, bool, str | None]:
+        info = classify(prepared.query_string)
+        if len(self._known) >= _KNOWN_LIMIT:
+            self._known.clear()
+        known = self._known[id(prepared)] = (
+            prepared, info.coalescable, info.keyspace or prepared.keyspace
+        )
+        return known
 
     async def prepare(self, query: str) -> PreparedStatement:
         loop = asyncio.get_running_loop()
@@ -71,19 +126,22 @@ class CassandraDriver:
         if isinstance(statement, BatchStatement):
             return Call(None, _BATCH, None, statement, parameters, options)
         stmt: Statement | None
+        # What the statement is, as (what, kinds): a query id with values typed (so that
+        # 1 and 1.0 differ) or serialized, or a text with its values in it.
+        identity: tuple[Hashable, ...]
         if isinstance(statement, PreparedStatement):
-            # Keyed on the values as given (typed, so that 1 and 1.0 differ): binding
-            # serializes them, which only the caller that starts the flight pays for.
+            # Keyed on the values as given: binding serializes them, which only the
+            # caller that starts the flight pays for.
             prepared, stmt = statement, None
-            values = _typed(parameters)
-            if values is None:  # unhashable values: key on their serialized form
+            typed = _typed(parameters)
+            if typed is None:  # unhashable values: key on their serialized form
                 statement, parameters = statement.bind(parameters or ()), None
                 stmt = statement
-                values = tuple(statement.values)
-            identity: Hashable = ("id", prepared.query_id, values)
+                typed = (tuple(statement.values), _SERIALIZED)
+            identity = (prepared.query_id, *typed)
         elif isinstance(statement, BoundStatement):
             prepared, stmt = statement.prepared_statement, statement
-            identity = ("id", prepared.query_id, tuple(statement.values))
+            identity = (prepared.query_id, tuple(statement.values), _SERIALIZED)
         else:
             prepared = None
             stmt = statement if isinstance(statement, Statement) else None
@@ -92,7 +150,7 @@ class CassandraDriver:
                 raise TypeError(f"cannot execute a {type(statement).__qualname__}")
             if parameters:
                 text = bind_params(text, parameters, session.encoder)
-            identity = ("text", text)
+            identity = (text, None, None)
 
         if prepared is not None:
             info = classify(prepared.query_string)
@@ -104,10 +162,11 @@ class CassandraDriver:
         if not info.coalescable or any(options.get(name) for name in _NOT_SHARED):
             return Call(None, info, table, statement, parameters, options)
         source = stmt if stmt is not None else prepared
+        # One flat tuple (hashed at every lookup); `quick_key` builds the same one.
         key = (
             self.scope,
             keyspace,
-            identity,
+            *identity,
             getattr(source, "consistency_level", None),
             getattr(source, "serial_consistency_level", None),
             getattr(source, "fetch_size", None),
@@ -143,21 +202,21 @@ class CassandraDriver:
         return await as_asyncio(response, asyncio.get_running_loop())
 
 
-def _typed(parameters: Any) -> Hashable | None:
-    """A hashable, type-exact form of bound values; None if one is unhashable."""
+def _typed(parameters: Any) -> tuple[Hashable, Hashable] | None:
+    """Bound values and their types, hashable; None if a value is unhashable."""
     if parameters is None:
-        return ()
+        return (), ()
     if isinstance(parameters, dict):
         items: Any = tuple(sorted(parameters.items()))
-        kinds: Any = tuple(type(v) for _, v in items)
+        kinds: Any = ("by name", *(type(v) for _, v in items))
     else:
         items = tuple(parameters)
-        kinds = tuple(map(type, items))
+        kinds = types_of(items)
     try:
         hash(items)
     except TypeError:
         return None
-    return (items, kinds)
+    return items, kinds
 
 
 def _profile_key(profile: Any) -> Hashable:

@@ -40,6 +40,14 @@ class Driver(Protocol):
 
     def call(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Call: ...
 
+    def quick_key(self, statement: Any, parameters: Any, options: dict[str, Any]) -> Hashable:
+        """The key `call` would give, if this is a common shared read; else None.
+
+        Cheap, since every caller of a herd pays for it: no `Call`, no classification
+        beyond a cache. None means "ask `call`", never "not shared".
+        """
+        ...
+
     async def run(self, call: Call, timeout: float | None) -> Rows: ...
 
     def partition(self, call: Call) -> bytes | None:
@@ -121,6 +129,8 @@ class CoalescingSession:
             registry=registry,
         )
         self.freshness = FreshnessIndex(self.group)
+        self._quick_key = self._driver.quick_key
+        self._read_quick = self._read_as_first_caller  # one bound method, not one per call
 
     async def prepare(self, query: str) -> Any:
         """Prepare `query` with the wrapped driver (pass-through, never coalesced)."""
@@ -135,6 +145,12 @@ class CoalescingSession:
         **options: Any,
     ) -> Rows:
         """Run `statement`; identical concurrent reads share one request (see class)."""
+        key = self._quick_key(statement, parameters, options)
+        if key is not None:  # a herd's callers come this way: only the first builds a Call
+            read = self._read_quick
+            waiting = self.group.do(key, read, statement, parameters, timeout=timeout)
+            del key  # held by the flight's table if needed, not by each waiter
+            return await waiting
         call = self._driver.call(statement, parameters, options)
         if call.key is None:
             try:
@@ -143,6 +159,9 @@ class CoalescingSession:
                 if call.info.kind not in ("select", "use"):
                     self._written(call)
         return await self.group.do(call.key, self._read, call, timeout=timeout)
+
+    async def _read_as_first_caller(self, statement: Any, parameters: Any) -> Rows:
+        return await self._read(self._driver.call(statement, parameters, {}))
 
     async def _read(self, call: Call) -> Rows:
         assert call.key is not None and call.table is not None

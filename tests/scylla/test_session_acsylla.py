@@ -122,3 +122,31 @@ async def test_unknown_options_are_refused(session, coalescing):
     cs = coalescing(session)
     with pytest.raises(TypeError, match="fetch_size"):
         await cs.execute("SELECT * FROM messages WHERE channel_id = 1 AND bucket = 0", fetch_size=3)
+
+
+async def test_quick_key_of_a_prepared_read_is_the_key_its_call_gets(session, coalescing):
+    cs = coalescing(session)
+    select = await cs.prepare("SELECT * FROM messages WHERE channel_id = ? AND bucket = ?")
+    driver = cs._driver
+    for values in ([1, 0], (1, 0), [1.0, 0], [True, 0], None):
+        quick = driver.quick_key(select, values, {})
+        assert quick is not None and quick == driver.call(select, values, {}).key
+    assert driver.quick_key(select, [1, 0], {}) != driver.quick_key(select, [1.0, 0], {})
+    assert driver.quick_key(select, [1, 0], {"page_size": 10}) is None  # options: `call`
+    assert driver.quick_key(select, [[1], 0], {}) is None  # nested values: `call` freezes
+    write = await cs.prepare("DELETE FROM messages WHERE channel_id = ? AND bucket = ?")
+    assert driver.quick_key(write, [1, 0], {}) is None
+
+
+async def test_callers_with_and_without_explicit_default_options_share_one_read(
+    emu, session, coalescing
+):
+    cs = coalescing(session)
+    select = await cs.prepare("SELECT * FROM messages WHERE channel_id = ? AND bucket = ?")
+    before = emu.statements["select"]
+    results = await asyncio.gather(
+        *(cs.execute(select, [1, 0]) for _ in range(50)),
+        *(cs.execute(select, (1, 0), page_size=None) for _ in range(50)),
+    )
+    assert emu.statements["select"] - before == 1
+    assert all(r is results[0] for r in results)

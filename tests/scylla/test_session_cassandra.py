@@ -271,3 +271,32 @@ async def test_database_dying_mid_herd_fails_every_waiter_promptly(coalescing):
             assert cs.group.stats is not None and cs.group.stats.upstream_error == 1
         finally:
             await asyncio.to_thread(cluster.shutdown)
+
+
+async def test_quick_key_of_a_prepared_read_is_the_key_its_call_gets(driver_session, coalescing):
+    cs = coalescing(driver_session)
+    select = await cs.prepare("SELECT * FROM messages WHERE channel_id = ? AND bucket = ?")
+    driver = cs._driver
+    for values in ((1, 0), [1, 0], (1.0, 0), (True, 0)):
+        quick = driver.quick_key(select, values, {})
+        assert quick is not None and quick == driver.call(select, values, {}).key
+    assert driver.quick_key(select, (1, 0), {}) != driver.quick_key(select, (1.0, 0), {})
+    assert driver.quick_key(select, (1, 0), {"paging_state": b"x"}) is None  # `call` decides
+    assert driver.quick_key(select, {"channel_id": 1, "bucket": 0}, {}) is None
+    write = await cs.prepare("DELETE FROM messages WHERE channel_id = ? AND bucket = ?")
+    assert driver.quick_key(write, (1, 0), {}) is None
+
+
+async def test_callers_with_and_without_explicit_default_options_share_one_read(
+    driver_session, slow_emulator, coalescing
+):
+    channel = new_channel(driver_session)
+    cs = coalescing(driver_session)
+    select = await cs.prepare("SELECT * FROM messages WHERE channel_id = ? AND bucket = ?")
+    before = selects(slow_emulator)
+    results = await asyncio.gather(
+        *(cs.execute(select, (channel, 0)) for _ in range(50)),
+        *(cs.execute(select, [channel, 0], paging_state=None) for _ in range(50)),
+    )
+    assert selects(slow_emulator) - before == 1
+    assert all(r is results[0] for r in results)
