@@ -243,7 +243,7 @@ async def _closed_after(port: int, payload: bytes) -> float:
     started = loop.time()
     writer.write(payload)
     async with asyncio.timeout(BOUND):
-        while await reader.read(65536):  # noqa: ASYNC110 -- until the sidecar hangs up
+        while await reader.read(65536):
             pass
     writer.close()
     return loop.time() - started
