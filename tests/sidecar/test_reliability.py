@@ -20,6 +20,7 @@ import pytest
 from cassandra.auth import PlainTextAuthProvider
 
 from coalesce.cql import (
+    CUSTOM_PAYLOAD,
     Batch,
     BatchStatement,
     Consistency,
@@ -27,6 +28,7 @@ from coalesce.cql import (
     ErrorCode,
     Execute,
     Opcode,
+    Query,
     QueryParameters,
 )
 from coalesce.emulator import Emulator
@@ -134,6 +136,18 @@ def _malformed_bodies(query_id: bytes) -> dict[str, tuple[int, bytes]]:
                                        good_execute[21:]),
         "batch truncated": (Opcode.BATCH, good_batch[:-2]),
         "batch of unknown kind": (Opcode.BATCH, b"\x00\x00\x01\x07" + good_batch[4:]),
+        # Found by differential fuzzing of Request.check against the emulator's decoder.
+        "query with a value name not in utf-8": (
+            Opcode.QUERY,
+            b"\x00\x00\x00\x1fSELECT v FROM ks.kv WHERE k = ?\x00\x01\x41\x00\x01"
+            b"\x00\x01\x9a\x00\x00\x00\x04\x00\x00\x00\x01",
+        ),
+        # flags=CUSTOM_PAYLOAD: a [bytes map] whose one key is b"\x95".
+        "custom payload key not in utf-8": (
+            Opcode.QUERY,
+            b"\x00\x01\x00\x01\x95\x00\x00\x00\x01y"
+            + Query(READ, QueryParameters(Consistency.ONE)).encode(),
+        ),
     }
 
 
@@ -149,7 +163,17 @@ async def _forty_in_flight(
     return clients, futures, hold
 
 
-@pytest.mark.parametrize("case", sorted(_malformed_bodies(b"\x00" * 16)))
+_NOT_CHECKED = pytest.mark.xfail(strict=True, reason=(
+    "Request.check skips the names of named values and the keys of a custom payload "
+    "without checking their UTF-8; the "
+    "body goes upstream, where the decoder answers PROTOCOL_ERROR and closes the shared "
+    "connection: all forty other reads fail with 'connection lost'"))
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=_NOT_CHECKED) if "utf-8" in case else case
+    for case in sorted(_malformed_bodies(b"\x00" * 16))
+])
 async def test_a_malformed_body_fails_only_its_sender_while_forty_reads_are_in_flight(
     loop_stack: Callable[..., Any], case: str,
 ) -> None:
@@ -158,7 +182,8 @@ async def test_a_malformed_body_fails_only_its_sender_while_forty_reads_are_in_f
     clients, futures, hold = await _forty_in_flight(stack)
     opcode, body = _malformed_bodies(known.query_id)[case]
     bad = await RawClient.connect("127.0.0.1", stack.sidecar.port)
-    reply = await asyncio.wait_for(bad.request(opcode, body), BOUND)
+    flags = CUSTOM_PAYLOAD if case.startswith("custom payload") else 0
+    reply = await asyncio.wait_for(bad.request(opcode, body, flags=flags), BOUND)
     assert reply.opcode == Opcode.ERROR
     hold.release()
     for frame in await asyncio.wait_for(asyncio.gather(*futures), BOUND):
