@@ -126,6 +126,27 @@ async def test_more_keyspaces_than_max_pools_get_a_clear_error_not_more_pools(
         await client.close()
 
 
+async def test_one_client_cycling_through_more_keyspaces_than_max_pools_stays_bounded(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, max_pools=4, pool_idle_timeout=60.0)
+    for i in range(10):
+        await admin.query(KEYSPACE.format(f"ks{i}"))
+        await admin.query(f"CREATE TABLE ks{i}.kv (k int PRIMARY KEY, v text)")
+    upstream = stack.sidecar.upstream
+    cycler = await RawClient.connect("127.0.0.1", stack.sidecar.port)
+    with _peaks(lambda: {"pools": upstream.pool_count,
+                         "connections": sum(upstream.connections_by_node().values())}) as peak:
+        for round_ in range(5):
+            for i in range(10):
+                await cycler.query(f"USE ks{i}")  # idle pools make room: every USE works
+                assert rows_of(await cycler.send_query("SELECT v FROM kv WHERE k = 1")) == []
+    assert peak["pools"] <= 4
+    assert peak["connections"] <= 4 * stack.sidecar.config.connections_per_node
+    await cycler.close()
+    await admin.close()
+
+
 async def test_after_an_upstream_restart_only_pools_in_use_reconnect(
     loop_stack: Callable[..., Any],
 ) -> None:

@@ -153,6 +153,27 @@ async def test_a_negative_stream_id_costs_only_its_sender(
     await admin.close()
 
 
+@pytest.mark.parametrize("opcode", [Opcode.ERROR, Opcode.READY, Opcode.AUTHENTICATE,
+                                    Opcode.SUPPORTED, Opcode.RESULT, Opcode.EVENT,
+                                    Opcode.AUTH_CHALLENGE, Opcode.AUTH_SUCCESS])
+async def test_a_response_opcode_sent_as_a_request_is_refused_and_costs_no_one_else(
+    loop_stack: Callable[..., Any], opcode: int,
+) -> None:
+    stack, admin = await _setup(loop_stack)
+    hold = stack.emulator.hold_reads()
+    others = [admin.send_query(READ) for _ in range(5)]
+    await eventually(lambda: len(hold) == 1)
+    wire = await Wire.open(stack.sidecar.port)
+    wire.writer.write(encode_frame(opcode, b"\x00\x00\x00\x01", stream=9))
+    await wire.wait_for(2)
+    assert _error(wire.frames[1]).code == ErrorCode.PROTOCOL_ERROR
+    hold.release()
+    for frame in await asyncio.wait_for(asyncio.gather(*others), BOUND):
+        assert rows_of(frame) == ONE_ROW
+    wire.close()
+    await admin.close()
+
+
 # -- frames that lie -------------------------------------------------------------------
 
 

@@ -113,6 +113,47 @@ def test_a_write_of_an_evicted_prepared_id_lands_and_later_reads_see_it_past_a_h
     assert older.result().one().v == "one"
 
 
+async def test_an_id_prepared_before_a_sidecar_restart_is_answered_unprepared_by_the_new_one(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack)
+    write = await admin.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+    await admin.close()
+    config = sidecar_config((stack.emulator.host, stack.emulator.port))
+    async with Sidecar(config) as restarted:
+        client = await RawClient.connect("127.0.0.1", restarted.port)
+        inserts = stack.emulator.statements["insert"]
+        with pytest.raises(CqlError) as unknown:
+            result_of(await client.send_execute(write.query_id, [INT1, b"two"]))
+        assert unknown.value.code == ErrorCode.UNPREPARED
+        assert stack.emulator.statements["insert"] == inserts
+        again = await client.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+        assert again.query_id == write.query_id
+        result_of(await client.send_execute(write.query_id, [INT1, b"two"]))
+        assert rows_of(await client.send_query("SELECT v FROM ks.kv WHERE k = 1")) == [[b"two"]]
+        await client.close()
+
+
+async def test_a_statement_evicted_by_the_byte_bound_is_answered_unprepared_then_works(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, prepared_cache_bytes=4096)
+    write = await admin.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+    padding = "x" * 3000
+    for i in range(2):
+        await admin.prepare(f"SELECT v FROM ks.kv WHERE k = {i} AND v = '{padding}' "
+                            "ALLOW FILTERING")
+    cache = stack.sidecar._require_proxy().statements
+    assert write.query_id not in cache.by_id and cache.size <= 4096
+    with pytest.raises(CqlError) as evicted:
+        result_of(await admin.send_execute(write.query_id, [INT1, b"two"]))
+    assert evicted.value.code == ErrorCode.UNPREPARED
+    await admin.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+    result_of(await admin.send_execute(write.query_id, [INT1, b"two"]))
+    assert rows_of(await admin.send_query("SELECT v FROM ks.kv WHERE k = 1")) == [[b"two"]]
+    await admin.close()
+
+
 # -- 5. one request never fails another client's ------------------------------------------
 
 
