@@ -137,7 +137,7 @@ async def test_one_client_cycling_through_more_keyspaces_than_max_pools_stays_bo
     cycler = await RawClient.connect("127.0.0.1", stack.sidecar.port)
     with _peaks(lambda: {"pools": upstream.pool_count,
                          "connections": sum(upstream.connections_by_node().values())}) as peak:
-        for round_ in range(5):
+        for _ in range(5):
             for i in range(10):
                 await cycler.query(f"USE ks{i}")  # idle pools make room: every USE works
                 assert rows_of(await cycler.send_query("SELECT v FROM kv WHERE k = 1")) == []
