@@ -170,10 +170,6 @@ class CoalescingSession:
             return await driver.run(call, None)  # one caller's timeout must not end it
 
     def _written(self, call: Call) -> None:
-        info = call.info
-        if info.kind in ("insert", "update", "delete") and call.table is not None:
-            self.freshness.written(call.table, self._driver.partition(call))
-        elif info.kind == "ddl" and call.table is not None:
-            self.freshness.written(call.table)
-        else:  # batches, unknown statements, schema changes without a table
-            self.group.forget_all()
+        # The one read-after-write rule, shared with the sidecar.
+        keyspace = call.table[0] if call.table is not None else None
+        self.freshness.written_by(call.info, keyspace, self._driver.partition(call))

@@ -73,7 +73,7 @@ from coalesce.sidecar.exchange import Exchange
 from coalesce.sidecar.flights import FULL as _FULL
 from coalesce.sidecar.flights import Answer, Flight
 from coalesce.sidecar.login import LoginRelay
-from coalesce.sidecar.outbox import Outbox
+from coalesce.sidecar.outbox import FLUSH_AT, Outbox
 from coalesce.sidecar.plan import Forward, Merge, Plan, Unprepared, Use, partition_of, plan
 from coalesce.sidecar.proxy import Proxy
 from coalesce.sidecar.upstream import Pool
@@ -213,7 +213,9 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses; they quack alike.
         self._transport = cast(asyncio.Transport, transport)
         config = self._proxy.config
-        self._transport.set_write_buffer_limits(high=config.max_client_buffer)
+        # The transport holds at most this, the outbox up to FLUSH_AT more.
+        self._transport.set_write_buffer_limits(
+            high=max(config.max_client_buffer - FLUSH_AT, FLUSH_AT))
         loop = asyncio.get_running_loop()
         self._out = Outbox(loop, self._transport)
         self._proxy.stats.client_connections += 1
@@ -278,11 +280,7 @@ class ClientConnection(asyncio.Protocol):
             frames = frames[:budget]
             self._update_reading()
         self._seq = seq
-        dispatch = self._dispatch
-        for frame in frames:
-            if self._closed:
-                return
-            dispatch(frame)
+        self._dispatch_all(seq, frames)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -372,14 +370,25 @@ class ClientConnection(asyncio.Protocol):
                 frames = frames[:room]
             else:
                 backlog.popleft()
-            taken += len(frames)
             self._seq = seq
-            for frame in frames:
-                if self._closed:
-                    break
-                self._dispatch(frame)
+            taken += self._dispatch_all(seq, frames)
         self._update_reading()
         return taken
+
+    def _dispatch_all(self, seq: int, frames: list[Frame]) -> int:
+        """Dispatch `frames` (read by read `seq`) until the client is over a bound; the
+        rest goes to the front of the backlog. Returns how many were dispatched."""
+        dispatch = self._dispatch
+        max_requests = self._max_requests
+        for i, frame in enumerate(frames):
+            if self._closed:
+                return i
+            if self._write_paused or self._pending >= max_requests:
+                self._backlog.appendleft((seq, frames[i:]))
+                self._update_reading()
+                return i
+            dispatch(frame)
+        return len(frames)
 
     def _update_reading(self) -> None:
         """Read while within bounds and nothing waits in the backlog; keep the backlog

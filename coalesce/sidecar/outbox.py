@@ -2,7 +2,8 @@
 
 On loopback, a `send` costs more than everything else the sidecar does for a frame, so
 under load the frames written to one connection during a loop turn are handed to the
-transport in one piece at the end of the turn (a `call_soon`). An isolated frame is
+transport in one piece at the end of the turn (a `call_soon`), or as soon as
+`FLUSH_AT` bytes have gathered, so the transport's flow control sees them. An isolated frame is
 not held back: while the connection is quiet (its last turn saw at most one write),
 the first write of a turn goes out at once, so a lone request pays no extra latency.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["Outbox"]
+__all__ = ["FLUSH_AT", "Outbox"]
+
+FLUSH_AT = 16 * 1024
+"""Bytes gathered in a turn that are handed to the transport at once, not at turn end."""
 
 
 class Outbox:
@@ -21,12 +25,13 @@ class Outbox:
     so nothing is lost). Writes to a closing transport are dropped. Single event loop.
     """
 
-    __slots__ = ("_batching", "_loop", "_parts", "_transport", "_writes")
+    __slots__ = ("_batching", "_gathered", "_loop", "_parts", "_transport", "_writes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
         self._loop = loop
         self._transport = transport
         self._parts: list[bytes | bytearray] = []
+        self._gathered = 0  # bytes in `_parts`
         self._writes = 0  # writes this turn; 0 means no end-of-turn flush is scheduled
         self._batching = False  # the last turn was busy: hold back even the first write
 
@@ -39,12 +44,16 @@ class Outbox:
                     self._transport.write(data)
                 return
         self._parts.append(data)
+        self._gathered += len(data)
+        if self._gathered >= FLUSH_AT:  # the transport's back-pressure must see it now
+            self.flush()
 
     def flush(self) -> None:
         parts = self._parts
         if not parts:
             return
         self._parts = []
+        self._gathered = 0
         transport = self._transport
         if transport.is_closing():
             return

@@ -137,14 +137,14 @@ async def test_an_id_prepared_before_a_sidecar_restart_is_answered_unprepared_by
 async def test_a_statement_evicted_by_the_byte_bound_is_answered_unprepared_then_works(
     loop_stack: Callable[..., Any],
 ) -> None:
-    stack, admin = await _setup(loop_stack, prepared_cache_bytes=4096)
+    stack, admin = await _setup(loop_stack, prepared_cache_bytes=64 * 1024)
     write = await admin.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
-    padding = "x" * 3000
+    padding = "x" * 40_000
     for i in range(2):
         await admin.prepare(f"SELECT v FROM ks.kv WHERE k = {i} AND v = '{padding}' "
                             "ALLOW FILTERING")
     cache = stack.sidecar._require_proxy().statements
-    assert write.query_id not in cache.by_id and cache.size <= 4096
+    assert write.query_id not in cache.by_id and cache.size <= 64 * 1024
     with pytest.raises(CqlError) as evicted:
         result_of(await admin.send_execute(write.query_id, [INT1, b"two"]))
     assert evicted.value.code == ErrorCode.UNPREPARED
