@@ -121,6 +121,15 @@ class FrameDecoder:
         self._error: CQLProtocolError | None = None
 
     @property
+    def max_body(self) -> int:
+        """The largest body a header may declare (it may change between feeds)."""
+        return self._max_body
+
+    @max_body.setter
+    def max_body(self, value: int) -> None:
+        self._max_body = value
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
         return len(self._buf)

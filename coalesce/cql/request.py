@@ -168,13 +168,25 @@ def _utf8(raw: bytes) -> str:
         raise CQLProtocolError("statement text is not valid UTF-8") from None
 
 
+def _skip_string(body: bytes, pos: int) -> int:
+    """Past the [string] at `pos`, which must be UTF-8 (a server refuses it otherwise)."""
+    end: int = pos + 2 + _SHORT.unpack_from(body, pos)[0]
+    if end > len(body):
+        raise CQLProtocolError("string runs past the end of the body")
+    try:
+        body[pos + 2 : end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CQLProtocolError("string is not valid UTF-8") from None
+    return end
+
+
 def _strip_payload(body: bytes) -> bytes:
     """`body` after its leading custom payload ([bytes map])."""
     try:
         (count,) = _SHORT.unpack_from(body)
         pos = 2
         for _ in range(count):
-            pos += 2 + _SHORT.unpack_from(body, pos)[0]
+            pos = _skip_string(body, pos)
             (size,) = _INT.unpack_from(body, pos)
             pos += 4 + max(size, 0)
     except struct.error:
@@ -193,7 +205,7 @@ def _read_values(
         pos += 2
         for _ in range(count):
             if named:
-                pos += 2 + _SHORT.unpack_from(body, pos)[0]
+                pos = _skip_string(body, pos)
             (size,) = _INT.unpack_from(body, pos)
             pos += 4
             if size < 0:

@@ -92,6 +92,7 @@ _EXECUTE: Final = int(Opcode.EXECUTE)
 _QUERY: Final = int(Opcode.QUERY)
 _FAST: Final = frozenset({_EXECUTE, _QUERY})
 _FAST_ENTRIES: Final = 64
+_MAX_SETUP_FRAME: Final = 64 * 1024  # before the client is ready (SASL tokens included)
 _EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
 _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
@@ -129,7 +130,7 @@ class _Forward(Exchange):
             proxy.flights.freshness.written_by(p.writes, p.keyspace, self.partition)
         if type(outcome) is Frame and outcome.opcode == Opcode.RESULT:
             if p.learn:
-                _learn(proxy, outcome, client.request_text(self), client.keyspace)
+                _learn(proxy, outcome, client.request_text(self), self.pool.keyspace)
             elif p.rewrite is not None:
                 outcome = _rewrite(proxy, outcome, p)
         client._answered(1)
@@ -179,7 +180,8 @@ class ClientConnection(asyncio.Protocol):
         config = proxy.config
         self._max_frame = config.max_frame_size
         self._max_requests = config.max_client_requests
-        self._decoder = FrameDecoder(max_body=self._max_frame)
+        # Setup frames are small: a stranger cannot make the sidecar buffer more.
+        self._decoder = FrameDecoder(max_body=min(_MAX_SETUP_FRAME, self._max_frame))
         self._transport: asyncio.Transport | None = None
         self._out: Outbox | None = None
         self._state = _REFUSED if refused else _NEW
@@ -265,7 +267,7 @@ class ClientConnection(asyncio.Protocol):
             self._reject_version(exc.version, exc.stream)
             return
         except CQLProtocolError as exc:
-            stream = first_bad_stream(data, self._max_frame) if at_boundary else 0
+            stream = first_bad_stream(data, self._decoder.max_body) if at_boundary else 0
             self._fatal(stream, exc.message)
             return
         proxy = self._proxy
@@ -636,6 +638,9 @@ class ClientConnection(asyncio.Protocol):
     # -- connection setup ------------------------------------------------------------------
 
     def _on_options(self, stream: int, flags: int, body: bytes) -> None:
+        if self._state == _REFUSED:
+            self._unexpected(stream, Opcode.OPTIONS)
+            return
         self._proxy.stats.local += 1
         self._write_frame(stream, Opcode.SUPPORTED, 0, _SUPPORTED_BODY)
 
@@ -698,6 +703,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_frame(stream, reply.opcode, reply.flags, reply.body)
 
     def _become_ready(self, role: str) -> None:
+        self._decoder.max_body = self._max_frame
         self.role = role
         self._pool = self._proxy.upstream.pool(role, None)
         self._state = _READY

@@ -50,7 +50,6 @@ from coalesce.sidecar.connection import UpstreamConnection
 from coalesce.sidecar.errors import (
     UpstreamError,
     UpstreamRefused,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from coalesce.sidecar.ring import Ring, token_of
@@ -299,9 +298,15 @@ class Upstream:
                 continue
             try:
                 reply = await conn.startup(self.config.request_timeout)
+            except UpstreamError as exc:
+                conn.close()
+                self._node_failed(node, str(exc))
+                errors.append(str(exc))
+                continue
             except BaseException:
                 conn.close()
                 raise
+            self._node_ok(node)
             return conn, reply
         raise UpstreamUnavailable(_no_node_message(errors))
 
@@ -333,8 +338,7 @@ class Upstream:
         except UpstreamUnavailable as exc:
             self._node_failed(node, str(exc))
             raise
-        self._node_ok(node)
-        return conn
+        return conn  # reachable once it answers in CQL, not when TCP connects
 
     async def connect(self, node: Node, role: str, keyspace: str | None) -> UpstreamConnection:
         """A new connection to `node`, logged in as `role`, using `keyspace`.
@@ -351,6 +355,7 @@ class Upstream:
             conn = await self._connect_transport(node)
             try:
                 await conn.login(self._tokens.get(role), self.config.request_timeout)
+                self._node_ok(node)
                 if keyspace is not None:
                     await conn.use(keyspace, self.config.request_timeout)
             except BaseException as exc:
@@ -465,6 +470,7 @@ class Upstream:
                 self._node_failed(node, f"OPTIONS answered with opcode 0x{reply.opcode:02x}")
                 return False
             reply = await conn.request(Opcode.STARTUP, _STARTUP_BODY, timeout=timeout)
+            self._node_ok(node)
         except UpstreamError as exc:
             self._node_failed(node, str(exc))
             return False
@@ -499,18 +505,29 @@ class Upstream:
         self._heartbeat = loop.call_later(interval, self._beat)
 
     def _heartbeat_now(self, conn: UpstreamConnection) -> None:
+        """OPTIONS on `conn`; dropped if unanswered within ``heartbeat_timeout``.
+
+        Its own timer: the connection's request deadlines are in send order, and a
+        heartbeat's short one must not wait behind requests' longer ones.
+        """
         if conn.heartbeating or conn.closed:
             return
         conn.heartbeating = True
         timeout = self.config.heartbeat_timeout
 
-        def answered(outcome: object) -> None:
-            conn.heartbeating = False
-            if isinstance(outcome, UpstreamTimeout):
+        def expired() -> None:
+            if conn.heartbeating and not conn.closed:
+                conn.heartbeating = False
                 self.timeouts += 1
                 conn.abort(f"no answer to a heartbeat within {timeout:g}s")
 
-        conn.send(Opcode.OPTIONS, _OPTIONS_BODY, 0, answered, timeout=timeout)
+        timer = asyncio.get_running_loop().call_later(timeout, expired)
+
+        def answered(outcome: object) -> None:
+            conn.heartbeating = False
+            timer.cancel()
+
+        conn.send(Opcode.OPTIONS, _OPTIONS_BODY, 0, answered, timeout=None)
 
     def _schedule_reconnect(self, node: Node, *, at_once: bool = False) -> None:
         if self._closed or node in self._reconnecting:

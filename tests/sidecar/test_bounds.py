@@ -349,9 +349,6 @@ async def test_a_client_over_max_connections_gets_overloaded_at_startup_and_is_c
         await client.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a refused connection's OPTIONS is answered SUPPORTED (the setup handler runs before "
-    "the refusal), so drivers, which send OPTIONS first, learn of the limit only at STARTUP"))
 async def test_a_client_over_max_connections_is_refused_on_its_first_frame_even_options(
     loop_stack: Callable[..., Any],
 ) -> None:

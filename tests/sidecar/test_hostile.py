@@ -209,10 +209,6 @@ async def test_a_compressed_frame_with_a_lying_size_closes_only_its_connection(
     await admin.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "before STARTUP a frame may still declare up to max_frame_size (16 MiB): the sidecar "
-    "waits for and buffers the body, so each unauthenticated connection can pin 16 MiB "
-    "until handshake_timeout; setup frames are tiny and could be capped at a few KiB"))
 async def test_a_huge_frame_before_the_handshake_is_refused_without_reading_its_body(
     loop_stack: Callable[..., Any],
 ) -> None:

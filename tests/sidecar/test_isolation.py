@@ -88,9 +88,6 @@ async def test_a_use_in_any_form_moves_only_its_own_client_to_the_other_keyspace
     await mover.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a PREPARE's statement is learned with the client's keyspace when the answer arrives "
-    "(_Forward.finish passes client.keyspace), not the keyspace of the pool it was sent on"))
 async def test_a_prepare_answered_after_its_client_switched_keyspace_keeps_writes_fresh(
     loop_stack: Callable[..., Any],
 ) -> None:
