@@ -133,6 +133,7 @@ class _Forward(Exchange):
                 _learn(proxy, outcome, client.request_text(self), self.pool.keyspace)
             elif p.rewrite is not None:
                 outcome = _rewrite(proxy, outcome, p)
+        client._held -= len(self.body)
         client._answered(1)
         if isinstance(outcome, UpstreamError):
             client._write_failure(self.stream, outcome)
@@ -140,6 +141,7 @@ class _Forward(Exchange):
             client._write_frame(self.stream, outcome.opcode, outcome.flags, outcome.body)
 
     def fail(self, error: UpstreamError) -> None:
+        self.client._held -= len(self.body)
         self.client._answered(1)
         self.client._write_failure(self.stream, error)
 
@@ -201,6 +203,10 @@ class ClientConnection(asyncio.Protocol):
         self._seq = 0
         self.queued = False  # waiting in the proxy's queue for ingest budget
         self._pending = 0  # requests received and not answered yet
+        # Request bytes (decompressed) this client has the sidecar hold upstream-bound:
+        # a bound of their own, since LZ4 lets a few bytes on the wire become many.
+        self._held = 0
+        self._max_held = config.max_client_buffer
         self._write_paused = False
         self._reading = True
         self._activity = 0.0
@@ -309,8 +315,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- flights call these (flights.Waiter) ------------------------------------------------
 
-    def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
+    def _release_flight(self, flight: Flight) -> None:
         self._flights.discard(flight)
+        if flight.starter is self:
+            flight.starter = None
+            self._held -= len(flight.body)
+
+    def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
+        self._release_flight(flight)
         self._answered(len(streams))
         out = self._out
         if out is None or self._closed:
@@ -342,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
         self.answer(flight, [stream], answer)
 
     def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None:
-        self._flights.discard(flight)
+        self._release_flight(flight)
         self._answered(len(streams))
         for stream in streams:
             self._write_failure(stream, error)
@@ -357,7 +369,8 @@ class ClientConnection(asyncio.Protocol):
     @property
     def blocked(self) -> bool:
         """Over one of its bounds: nothing more is taken from this client for now."""
-        return self._write_paused or self._pending >= self._max_requests
+        return (self._write_paused or self._pending >= self._max_requests
+                or self._held >= self._max_held)
 
     def take_backlog(self, budget: int) -> int:
         """Dispatch up to `budget` frames of the backlog; return how many were taken."""
@@ -385,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         for i, frame in enumerate(frames):
             if self._closed:
                 return i
-            if self._write_paused or self._pending >= max_requests:
+            if self._write_paused or self._pending >= max_requests or self._held >= self._max_held:
                 self._backlog.appendleft((seq, frames[i:]))
                 self._update_reading()
                 return i
@@ -586,6 +599,8 @@ class ClientConnection(asyncio.Protocol):
                         statement, p.table, partition)
         if flights.start(flight, self, request.stream):
             self._flights.add(flight)
+            flight.starter = self
+            self._held += len(flight.body)
             self._accepted()
             return flight
         self._write_error(request.stream, ErrorCode.OVERLOADED,
@@ -600,6 +615,7 @@ class ClientConnection(asyncio.Protocol):
         assert pool is not None
         partition = partition_of(request, p.statement) if p.statement is not None else None
         forward = _Forward(self, request.stream, request, p, pool, partition)
+        self._held += len(request.body)
         if p.learn:
             self._texts[forward] = cast(str, request.text)
         self._accepted()

@@ -261,6 +261,10 @@ class UpstreamConnection(asyncio.Protocol):
         return self._closed
 
     @property
+    def has_free_stream(self) -> bool:
+        return bool(self._free) or self._next_stream < _MAX_STREAMS
+
+    @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered (abandoned ones included)."""
         return len(self._pending)

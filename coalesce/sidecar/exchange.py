@@ -21,6 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from coalesce.cql import (
+    BETA,
     CUSTOM_PAYLOAD,
     TRACING,
     WARNING,
@@ -41,6 +42,7 @@ __all__ = ["Exchange", "error_code", "is_unprepared"]
 _log = logging.getLogger(__name__)
 
 _EXTRAS: Final = TRACING | WARNING | CUSTOM_PAYLOAD
+_FORWARDED_FLAGS: Final = TRACING | CUSTOM_PAYLOAD | BETA
 
 
 def error_code(frame: Frame) -> int | None:
@@ -85,7 +87,7 @@ class Exchange:
         self.pool = pool
         self.node = node
         self.opcode = opcode
-        self.flags = flags
+        self.flags = flags & _FORWARDED_FLAGS  # never pass on a flag we do not know
         self.body = body
         self.statement = statement  # None once the one re-prepare has been spent
         self.conn: UpstreamConnection | None = None

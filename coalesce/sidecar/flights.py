@@ -111,7 +111,7 @@ class Flight(Exchange):
     """One merged read: its key, its waiters, and the exchange that answers them all."""
 
     __slots__ = ("answer", "count", "flights", "joinable", "key", "partition", "settled_seq",
-                 "started", "state", "table", "waiters")
+                 "started", "starter", "state", "table", "waiters")
 
     def __init__(
         self,
@@ -137,6 +137,7 @@ class Flight(Exchange):
         self.started = 0.0
         self.joinable = False  # the key's current flight: new requests may join it
         self.answer: Answer | None = None
+        self.starter: Waiter | None = None  # holds the request bytes until answered
         # Requests read up to this ingest sequence number may still be given `answer`.
         self.settled_seq = -1
 

@@ -1,9 +1,10 @@
 """`LoginRelay`: one client's login, verified by Scylla on a fresh upstream connection.
 
 The sidecar never checks a password itself: Scylla does. While Scylla is known to ask
-for credentials (learned by every probe of a node), the client's STARTUP is answered
-by the sidecar with Scylla's own AUTHENTICATE, so a client that never sends
-credentials costs nothing upstream. Its AUTH_RESPONSE opens a new upstream connection
+for credentials (learned by every probe of a node, and asked again when no upstream
+connection is open), the client's STARTUP is answered by the sidecar with Scylla's
+own AUTHENTICATE, so a client that never sends credentials costs nothing upstream
+while the sidecar is connected. Its AUTH_RESPONSE opens a new upstream connection
 (at most ``max_logins`` at once), goes to Scylla as is, and Scylla's answer comes back:
 AUTH_SUCCESS, AUTH_CHALLENGE (relayed; the exchange goes on on that connection) or an
 ERROR. On success the role is the user of the SASL PLAIN token, the token is kept (in
@@ -50,8 +51,11 @@ class LoginRelay:
     async def start(self) -> Frame:
         """The answer to STARTUP: READY (no login needed), AUTHENTICATE or ERROR."""
         upstream = self._upstream
-        if upstream.auth_required is None:
-            conn, reply = await upstream.open_login()  # not learned yet: ask a node
+        if upstream.auth_required is None or not upstream.connected:
+            # Not learned yet, or nothing open upstream to vouch that it still holds
+            # (the node may have restarted with logins turned on): ask a node.
+            async with upstream.logins:
+                conn, reply = await upstream.open_login()
             conn.close()
             upstream.learn_auth(reply)
             if upstream.auth_required is None:

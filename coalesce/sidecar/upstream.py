@@ -226,6 +226,12 @@ class Upstream:
             self.release(pool)
 
     @property
+    def connected(self) -> bool:
+        """Some pooled connection is open (so what Scylla said of logins still holds:
+        it changes only with a restart, which drops every connection)."""
+        return any(pool.live for pool in self._pools.values())
+
+    @property
     def pool_count(self) -> int:
         return len(self._pools)
 
@@ -585,21 +591,38 @@ class Pool:
         return f"<Pool role={self.role!r} keyspace={self.keyspace!r} live={len(self.live)}>"
 
     def pick(self, node: Node | None = None) -> UpstreamConnection | None:
-        """An open connection, preferring `node`; None if there is none right now."""
+        """An open connection, preferring `node`; None if there is none right now.
+
+        A connection whose 32,768 stream ids are all taken is passed over; when every
+        one is, the pool grows (up to 4x ``connections_per_node`` per node) and None
+        makes the caller wait for the new connection.
+        """
         if self._short:
             for short in list(self._short):
                 self._open(short)
+        conn: UpstreamConnection | None = None
         if node is not None:
             conns = self._by_node.get(node)
             if conns:
-                if len(conns) == 1:
-                    return conns[0]
-                return min(conns, key=_in_flight)
-        live = self.live
-        if not live:
-            return None
-        self._turn += 1
-        return live[self._turn % len(live)]
+                conn = conns[0] if len(conns) == 1 else min(conns, key=_in_flight)
+        if conn is None:
+            live = self.live
+            if not live:
+                return None
+            self._turn += 1
+            conn = live[self._turn % len(live)]
+        if conn.has_free_stream:
+            return conn
+        spare = next((c for c in self.live if c.has_free_stream), None)
+        if spare is not None:
+            return spare
+        if self.target >= 4 * self.upstream.config.connections_per_node:
+            return conn  # at the ceiling: this request fails "no free stream", alone
+        self.target += 1
+        self._short.update(self._by_node)
+        for short in list(self._short):
+            self._open(short)
+        return None
 
     def any_connection(self) -> UpstreamConnection | None:
         return self.live[0] if self.live else None

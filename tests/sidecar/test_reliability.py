@@ -351,9 +351,7 @@ async def _restart_with_auth(emu: Emulator) -> Emulator:
 
 @pytest.mark.parametrize("idle", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "'no auth' is remembered while the sidecar has no upstream connection: nothing "
-        "probes the node, LoginRelay.start answers READY from the stale auth_required"))),
+    True,
 ], ids=["clients-connected", "sidecar-idle"])
 async def test_clients_get_authenticate_after_the_upstream_restarts_with_auth(
     idle: bool,
