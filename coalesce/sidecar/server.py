@@ -164,7 +164,7 @@ class Sidecar:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         proxy.identity = Identity(
-            await _ip_literal(config.advertised_address), self.port,
+            await _ip_literal(config.advertised_address), config.advertised_port or self.port,
             config.data_center, config.rack,
         )
         if config.metrics is not None:
