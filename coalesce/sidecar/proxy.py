@@ -8,9 +8,11 @@ drain), and the ingest budget.
 The ingest budget keeps answers from waiting behind ingest. Client connections
 dispatch at most ``INGEST_BUDGET`` frames between two budget refills; a connection
 that has more keeps them in its backlog (and stops reading) until the next refill.
-A refill happens two loop turns after the budget was first drawn on, so every
+A refill happens two loop turns after a connection first had to wait, so every
 upstream socket that became readable in between is served first: a herd's answer
 leaves soon after Scylla sends it, however many requests are still being read.
+Light traffic never waits: it only draws the budget down, one request in
+``INGEST_BUDGET`` waits two loop turns for the refill.
 Single event loop.
 """
 
@@ -104,10 +106,7 @@ class Proxy:
         budget = self._budget
         taken = frames if frames <= budget else budget
         self._budget = budget - taken
-        if not self._refill_due:
-            self._refill_due = True
-            self._call_soon(self._call_soon, self._refill)
-        return taken
+        return taken  # a refill is scheduled once a connection has to wait (`defer`)
 
     def defer(self, client: ClientConnection) -> None:
         """`client` has a backlog: it is served from the next refills, in turn."""
@@ -125,7 +124,7 @@ class Proxy:
             self._budget -= client.take_backlog(self._budget)
         oldest = min((c.backlog_seq or 0 for c in deferred), default=None)
         self.flights.drop_settled(oldest)
-        if (self._budget < INGEST_BUDGET or deferred) and not self._refill_due:
+        if deferred and not self._refill_due:
             self._refill_due = True
             self._call_soon(self._call_soon, self._refill)
 
