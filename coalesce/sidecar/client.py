@@ -344,6 +344,14 @@ class ClientConnection(asyncio.Protocol):
             offset += size
         out.put(data)
 
+    def _joined(self, flight: Flight) -> None:
+        """A request of this client joined `flight` and waits for its answer."""
+        self._flights.add(flight)
+        self._pending += 1
+        self._proxy.in_flight += 1
+        if self._pending >= self._max_requests:
+            self._update_reading()
+
     def _answer_now(self, stream: int, flight: Flight) -> None:
         """Answer `stream` from a flight that finished after the request was read."""
         answer = flight.answer
@@ -496,7 +504,7 @@ class ClientConnection(asyncio.Protocol):
                                 self._answer_now(stream, flight)
                                 return
                             flight = None
-                        if flight is not None:
+                        if flight is not None:  # `_joined`, inlined: the herd's path
                             proxy.stats.merged += 1
                             if proxy.flights.join_flight(flight, self, stream):
                                 self._flights.add(flight)
@@ -518,11 +526,7 @@ class ClientConnection(asyncio.Protocol):
                     elif flight is not _FULL and not flight.joinable:
                         self._answer_now(stream, flight)
                     elif flight is not _FULL:
-                        self._flights.add(flight)
-                        self._pending += 1
-                        proxy.in_flight += 1
-                        if self._pending >= self._max_requests:
-                            self._update_reading()
+                        self._joined(flight)
                     else:
                         self._write_error(stream, ErrorCode.OVERLOADED,
                                           "too many requests wait for this read")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Final
 
 from coalesce.cql import (
@@ -99,7 +100,7 @@ class Exchange:
             self.conn = conn
             conn.send(self.opcode, self.body, self.flags, self)
         else:
-            self.pool.upstream.spawn(self._send_when_connected())
+            self.pool.upstream.spawn(self._send_after(self.pool.acquire(self.node)))
 
     # -- what subclasses implement -----------------------------------------------------
 
@@ -122,7 +123,7 @@ class Exchange:
         if (statement is not None and type(outcome) is Frame and outcome.opcode == Opcode.ERROR
                 and is_unprepared(outcome) and not self.abandoned):
             self.statement = None
-            self.pool.upstream.spawn(self._reprepare_and_resend(statement))
+            self.pool.upstream.spawn(self._send_after(self._reprepared(statement)))
             return
         self._settle(outcome)
 
@@ -138,9 +139,10 @@ class Exchange:
             except Exception:
                 _log.exception("failing a request failed")
 
-    async def _send_when_connected(self) -> None:
+    async def _send_after(self, ready: Awaitable[UpstreamConnection]) -> None:
+        """Send once `ready` gives a connection; its failure is this exchange's outcome."""
         try:
-            conn = await self.pool.acquire(self.node)
+            conn = await ready
         except UpstreamError as exc:
             self._settle(exc)
             return
@@ -150,21 +152,11 @@ class Exchange:
         self.conn = conn
         conn.send(self.opcode, self.body, self.flags, self)
 
-    async def _reprepare_and_resend(self, statement: KnownStatement) -> None:
+    async def _reprepared(self, statement: KnownStatement) -> UpstreamConnection:
         conn = self.conn
         assert conn is not None
-        try:
-            await reprepare(self.pool, conn, statement)
-            if conn.closed:
-                conn = await self.pool.acquire()
-        except UpstreamError as exc:
-            self._settle(exc)
-            return
-        except asyncio.CancelledError:
-            self._settle(UpstreamLost("the sidecar is shutting down"))
-            raise
-        self.conn = conn
-        conn.send(self.opcode, self.body, self.flags, self)
+        await reprepare(self.pool, conn, statement)
+        return await self.pool.acquire() if conn.closed else conn
 
 
 async def reprepare(pool: Pool, conn: UpstreamConnection, statement: KnownStatement) -> bool:
