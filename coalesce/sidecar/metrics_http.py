@@ -1,4 +1,10 @@
-"""A tiny HTTP endpoint: ``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON).
+"""A tiny HTTP endpoint: ``/metrics`` (Prometheus text), ``/healthz``, ``/livez`` and
+``/readyz`` (JSON).
+
+``/livez`` answers 200 whenever the process serves (its event loop runs), for a
+liveness probe: restarting the sidecar cannot fix an unreachable Scylla. ``/readyz``
+is 200 when the sidecar should get traffic: some upstream node answers and it is not
+draining. ``/healthz`` is 200 when some upstream node answers.
 
 Just enough HTTP/1.1 for scrapers and health checkers: one request per connection,
 GET or HEAD, answered and closed. Requests that are too large or too slow are dropped.
@@ -30,7 +36,8 @@ async def serve_metrics(
     """Start serving; the caller closes the returned server.
 
     `health()` returns a JSON-able dict whose ``"reachable"`` entry decides the status
-    of ``/healthz``: 200 when true, 503 otherwise.
+    of ``/healthz`` (200 when true, 503 otherwise) and, with ``"draining"`` false,
+    of ``/readyz``.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -45,10 +52,13 @@ async def serve_metrics(
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
             elif path == "/metrics":
                 status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-            elif path == "/healthz":
+            elif path in ("/healthz", "/readyz"):
                 report = health()
-                status = 200 if report.get("reachable") else 503
+                ok = report.get("reachable") and (path == "/healthz" or not report.get("draining"))
+                status = 200 if ok else 503
                 ctype, body = "application/json", json.dumps(report).encode() + b"\n"
+            elif path == "/livez":
+                status, ctype, body = 200, "application/json", b'{"live": true}\n'
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
             header = (

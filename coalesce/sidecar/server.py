@@ -95,6 +95,7 @@ class Sidecar:
         self.port = config.listen[1]
         self.metrics_port: int | None = None
         self.max_connections = 0
+        self._draining = False
 
     async def __aenter__(self) -> Sidecar:
         await self.start()
@@ -134,8 +135,9 @@ class Sidecar:
         return len(self._clients)
 
     def health(self) -> dict[str, Any]:
-        """What ``/healthz`` reports: upstream reachability per node."""
-        return self.upstream.health()
+        """What ``/healthz`` and ``/readyz`` report: upstream reachability per node, and
+        whether the sidecar is draining."""
+        return {**self.upstream.health(), "draining": self._draining}
 
     async def wait_upstream_reachable(self) -> None:
         """Return once some upstream node answers (at once if one already does)."""
@@ -179,6 +181,7 @@ class Sidecar:
         Returns False if `timeout` (default ``drain_timeout``) ran out first; the
         sidecar is stopped either way.
         """
+        self._draining = True
         if self._server is not None:
             self._server.close()
         finished = True

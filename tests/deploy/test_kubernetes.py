@@ -48,9 +48,9 @@ def test_the_validator_does_reject_an_unknown_field() -> None:
 def _probes_reach_healthz(container: dict[str, Any], metrics_port: int) -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == metrics_port
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    # A restart cannot fix an unreachable Scylla: liveness only asks that HTTP is served.
-    assert "tcpSocket" in container["livenessProbe"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # A restart cannot fix an unreachable Scylla: liveness only asks that the process serves.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
     assert container["securityContext"]["runAsNonRoot"] is True
 
 

@@ -106,6 +106,8 @@ async def test_metrics_and_health_endpoints(loop_stack: Callable[..., Any]) -> N
     status, body = await _http_get(port, "/healthz")
     assert status == 200
     assert json.loads(body)["reachable"] is True
+    assert (await _http_get(port, "/readyz"))[0] == 200
+    assert (await _http_get(port, "/livez"))[0] == 200
 
     await stack.emulator.aclose()
     # The pooled connections notice the emulator is gone.
@@ -113,6 +115,8 @@ async def test_metrics_and_health_endpoints(loop_stack: Callable[..., Any]) -> N
     status, body = await _http_get(port, "/healthz")
     assert status == 503
     assert json.loads(body)["reachable"] is False
+    assert (await _http_get(port, "/readyz"))[0] == 503
+    assert (await _http_get(port, "/livez"))[0] == 200  # restarting us would not help
     assert (await _http_get(port, "/nope"))[0] == 404
     await client.close()
 
@@ -177,4 +181,26 @@ async def test_use_of_a_missing_keyspace_gets_scyllas_own_error(
     assert result.keyspace == "ks"
     await client.query("CREATE TABLE kv (k int PRIMARY KEY, v text)")  # unqualified: in ks
     assert (await client.query("SELECT * FROM ks.kv")).rows == []
+    await client.close()
+
+
+async def test_readyz_turns_unready_while_draining_and_livez_stays_live(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack: LoopStack = await loop_stack(emulator={"read_latency": 0.5, "write_latency": 0.0})
+    client = await RawClient.connect("127.0.0.1", stack.sidecar.port)
+    await client.query(KEYSPACE)
+    await client.query("CREATE TABLE ks.kv (k int PRIMARY KEY, v text)")
+    port = stack.sidecar.metrics_port
+    assert port is not None
+    assert (await _http_get(port, "/readyz"))[0] == 200
+    read = client.send_query("SELECT * FROM ks.kv WHERE k = 1")
+    await eventually(lambda: stack.sidecar.in_flight)
+    drained = asyncio.get_running_loop().create_task(stack.sidecar.drain(timeout=BOUND))
+    await eventually(lambda: stack.sidecar.health()["draining"])
+    assert (await _http_get(port, "/readyz"))[0] == 503
+    assert (await _http_get(port, "/healthz"))[0] == 200
+    assert (await _http_get(port, "/livez"))[0] == 200
+    await read
+    assert await drained
     await client.close()
