@@ -105,7 +105,7 @@ _NEW, _STARTING, _AUTHENTICATING, _AUTH_SENT, _READY, _REFUSED = range(6)
 class _Forward(Exchange):
     """One request passed through alone: its client, and what its answer does."""
 
-    __slots__ = ("client", "partition", "plan", "stream")
+    __slots__ = ("client", "partition", "plan", "read_at", "stream")
 
     def __init__(
         self, client: ClientConnection, stream: int, request: Request, plan: Forward,
@@ -117,6 +117,7 @@ class _Forward(Exchange):
         self.stream = stream
         self.plan = plan
         self.partition = partition
+        self.read_at = client.read_at
 
     @property
     def abandoned(self) -> bool:
@@ -135,6 +136,7 @@ class _Forward(Exchange):
                 outcome = _rewrite(proxy, outcome, p)
         client._held -= len(self.body)
         client._answered(1)
+        proxy.stats.latency["forwarded"].observe(proxy.loop_time() - self.read_at)
         if isinstance(outcome, UpstreamError):
             client._write_failure(self.stream, outcome)
         else:
@@ -199,8 +201,9 @@ class ClientConnection(asyncio.Protocol):
         # Frames read but not dispatched yet, with the ingest sequence number of the
         # read that brought them (see `Proxy.ingest`); `_seq` is that of the frame
         # being dispatched now.
-        self._backlog: deque[tuple[int, list[Frame]]] = deque()
+        self._backlog: deque[tuple[int, float, list[Frame]]] = deque()
         self._seq = 0
+        self.read_at = 0.0  # loop time of the read that brought the frame being dispatched
         self.queued = False  # waiting in the proxy's queue for ingest budget
         self._pending = 0  # requests received and not answered yet
         # Request bytes (decompressed) this client has the sidecar hold upstream-bound:
@@ -278,17 +281,19 @@ class ClientConnection(asyncio.Protocol):
             return
         proxy = self._proxy
         seq = proxy.ingest_seq = proxy.ingest_seq + 1
+        now = self._activity
         if self._backlog:
             if frames:
-                self._backlog.append((seq, frames))
+                self._backlog.append((seq, now, frames))
             return
         budget = proxy.take_budget(len(frames))
         if budget < len(frames):
-            self._backlog.append((seq, frames[budget:]))
+            self._backlog.append((seq, now, frames[budget:]))
             frames = frames[:budget]
             self._update_reading()
         self._seq = seq
-        self._dispatch_all(seq, frames)
+        self.read_at = now
+        self._dispatch_all(seq, now, frames)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -324,6 +329,9 @@ class ClientConnection(asyncio.Protocol):
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
         self._release_flight(flight)
         self._answered(len(streams))
+        proxy = self._proxy
+        proxy.stats.latency["merged"].observe(
+            proxy.loop_time() - flight.arrived.pop(self, self.read_at), len(streams))
         out = self._out
         if out is None or self._closed:
             return
@@ -386,19 +394,20 @@ class ClientConnection(asyncio.Protocol):
         backlog = self._backlog
         taken = 0
         while backlog and taken < budget and not self._closed and not self.blocked:
-            seq, frames = backlog[0]
+            seq, read_at, frames = backlog[0]
             room = budget - taken
             if len(frames) > room:
-                backlog[0] = (seq, frames[room:])
+                backlog[0] = (seq, read_at, frames[room:])
                 frames = frames[:room]
             else:
                 backlog.popleft()
             self._seq = seq
-            taken += self._dispatch_all(seq, frames)
+            self.read_at = read_at
+            taken += self._dispatch_all(seq, read_at, frames)
         self._update_reading()
         return taken
 
-    def _dispatch_all(self, seq: int, frames: list[Frame]) -> int:
+    def _dispatch_all(self, seq: int, read_at: float, frames: list[Frame]) -> int:
         """Dispatch `frames` (read by read `seq`) until the client is over a bound; the
         rest goes to the front of the backlog. Returns how many were dispatched."""
         dispatch = self._dispatch
@@ -407,7 +416,7 @@ class ClientConnection(asyncio.Protocol):
             if self._closed:
                 return i
             if self._write_paused or self._pending >= max_requests or self._held >= self._max_held:
-                self._backlog.appendleft((seq, frames[i:]))
+                self._backlog.appendleft((seq, read_at, frames[i:]))
                 self._update_reading()
                 return i
             dispatch(frame)
@@ -589,6 +598,7 @@ class ClientConnection(asyncio.Protocol):
             assert type(p) is Unprepared
             proxy.stats.local += 1
             self._write_frame(request.stream, Opcode.ERROR, 0, _unprepared_body(p.query_id))
+            proxy.stats.latency["local"].observe(proxy.loop_time() - self.read_at)
 
     def _start_flight(self, request: Request, p: Merge) -> Flight | None:
         request.check()
@@ -632,6 +642,7 @@ class ClientConnection(asyncio.Protocol):
     async def _use(self, stream: int, keyspace: str) -> None:
         """Switch to the pool of (role, `keyspace`) once Scylla has accepted the keyspace."""
         upstream = self._proxy.upstream
+        read_at = self.read_at
         try:
             pool = upstream.pool(self.role, keyspace)
             try:
@@ -644,6 +655,8 @@ class ClientConnection(asyncio.Protocol):
             return
         finally:
             self._answered(1)
+            stats = self._proxy.stats
+            stats.latency["local"].observe(self._proxy.loop_time() - read_at)
         if self._closed:
             upstream.release(pool)
             return

@@ -102,6 +102,10 @@ class Ingest(Protocol):
 class Waiter(Protocol):
     """A client connection, as a flight sees it."""
 
+    @property
+    def read_at(self) -> float:
+        """Loop time of the read that brought the request being dispatched."""
+
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None: ...
 
     def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None: ...
@@ -110,7 +114,8 @@ class Waiter(Protocol):
 class Flight(Exchange):
     """One merged read: its key, its waiters, and the exchange that answers them all."""
 
-    __slots__ = ("answer", "count", "flights", "joinable", "key", "partition", "settled_seq",
+    __slots__ = ("answer", "arrived", "count", "flights", "joinable", "key", "partition",
+                 "settled_seq",
                  "started", "starter", "state", "table", "waiters")
 
     def __init__(
@@ -132,6 +137,8 @@ class Flight(Exchange):
         self.table = table
         self.partition = partition
         self.waiters: dict[Waiter, list[int]] = {}
+        # When each waiter's first request in the flight was read (for its latency).
+        self.arrived: dict[Waiter, float] = {}
         self.count = 0
         self.state = _QUEUED
         self.started = 0.0
@@ -151,6 +158,7 @@ class Flight(Exchange):
     def leave(self, waiter: Waiter) -> None:
         """`waiter` closed: drop its streams; abandon the flight if nobody is left."""
         streams = self.waiters.pop(waiter, None)
+        self.arrived.pop(waiter, None)
         if streams is None:
             return
         self.flights.stats.cancelled += len(streams)
@@ -173,6 +181,7 @@ class Flight(Exchange):
             flights._settle(self)
             for waiter, streams in waiters.items():
                 waiter.answer(self, streams, answer)
+        self.arrived = {}
 
     def fail(self, error: UpstreamError) -> None:
         if self.state != _DONE:
@@ -255,6 +264,7 @@ class Flights:
         streams = flight.waiters.get(waiter)
         if streams is None:
             flight.waiters[waiter] = [stream]
+            flight.arrived[waiter] = waiter.read_at
         else:
             streams.append(stream)
         flight.count += 1
@@ -271,6 +281,7 @@ class Flights:
             self.stats.shed += 1
             return False
         flight.waiters[waiter] = [stream]
+        flight.arrived[waiter] = waiter.read_at
         flight.count = 1
         self.stats.started += 1
         old = self._by_key.get(flight.key)

@@ -12,24 +12,67 @@ families when Prometheus scrapes. Exported:
   (passed through to Scylla alone) or ``local`` (answered by the sidecar itself).
 - ``coalesce_sidecar_upstream_errors_total``: upstream failures (connections refused or
   lost, requests timed out).
+- ``coalesce_sidecar_connections_closed_total{reason}``: client connections refused
+  (``limit``) or closed (``timeout``, ``protocol_error``) by the sidecar.
+- ``coalesce_sidecar_request_duration_seconds{path}``: histogram of request latency as
+  clients see it, from the read that brought a request to its answer being written.
+  For merged requests it is measured from the arrival of the connection's first
+  request in the flight (one observation per request); ``local`` counts USE and
+  UNPREPARED answers.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from coalesce.cql import Opcode
 
-__all__ = ["SidecarStats", "register_stats"]
+__all__ = ["LATENCY_BUCKETS", "PATHS", "Histogram", "SidecarStats", "register_stats"]
+
+PATHS = ("merged", "forwarded", "local")
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+    2.5, 5, 10,
+)
+
+
+class Histogram:
+    """Counts per bucket, bumped on the event loop; `observe(value, n)` counts n at once."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.total += value * n
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*(repr(float(b)) for b in self.bounds), "+Inf"),
+                                self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
 
 
 class SidecarStats:
     """Plain counters, bumped on the event loop, read at scrape time."""
 
-    __slots__ = ("client_connections", "forwarded", "frames", "local", "merged",
+    __slots__ = ("client_connections", "forwarded", "frames", "latency", "local", "merged",
                  "protocol_errors", "refused", "timed_out")
 
     def __init__(self) -> None:
@@ -41,6 +84,9 @@ class SidecarStats:
         self.refused = 0  # connections over max_connections
         self.timed_out = 0  # connections closed by the handshake or idle timeout
         self.protocol_errors = 0  # connections closed for a malformed frame or body
+        # Request latency as clients see it, by path: from the read that brought the
+        # request to its answer being written.
+        self.latency = {path: Histogram(LATENCY_BUCKETS) for path in PATHS}
 
 
 class _Collector:
@@ -94,7 +140,15 @@ class _Collector:
         for reason, attr in (("limit", "refused"), ("timeout", "timed_out"),
                              ("protocol_error", "protocol_errors")):
             closed.add_metric([reason], getattr(stats, attr))
-        yield from (clients, upstream, frames, requests, errors, closed)
+        latency = HistogramMetricFamily(
+            "coalesce_sidecar_request_duration_seconds",
+            "Client requests from the read that brought them to their answer, by path.",
+            labels=["path"],
+        )
+        for path in PATHS:
+            histogram = stats.latency[path]
+            latency.add_metric([path], histogram.cumulative(), histogram.total)
+        yield from (clients, upstream, frames, requests, errors, closed, latency)
 
 
 def register_stats(
