@@ -27,6 +27,8 @@ zero whenever nothing is in flight. Single event loop.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Hashable
@@ -45,7 +47,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FULL", "Answer", "Flight", "Flights", "Ingest", "Waiter"]
 
+_log = logging.getLogger(__name__)
 _RESPONSE_V4: Final = 0x84
+_SHED_QUIET: Final = 5.0  # seconds without a refusal before shedding is said to stop
 
 
 class Answer:
@@ -205,7 +209,8 @@ class Flights:
     from the moment it is sent until it ends or is abandoned.
     """
 
-    __slots__ = ("_by_key", "_queue", "_settled", "freshness", "ingest", "linger",
+    __slots__ = ("_by_key", "_queue", "_settled", "_shed_recent", "_shedding", "freshness",
+                 "ingest", "linger",
                  "max_inflight", "max_queued", "max_waiters", "running", "stats")
 
     def __init__(
@@ -224,6 +229,8 @@ class Flights:
         self.running = 0
         self._by_key: dict[Hashable, Flight] = {}
         self._queue: deque[Flight] = deque()
+        self._shedding: asyncio.TimerHandle | None = None
+        self._shed_recent = 0
         # Answered flights whose answer requests read before it arrived may still get.
         self._settled: dict[Hashable, Flight] = {}
         self.ingest: Ingest | None = None
@@ -259,7 +266,7 @@ class Flights:
         """Add `stream` of `waiter` to `flight` (which must be `joinable`); False (nothing
         changed) if it has ``max_waiters`` already."""
         if self.max_waiters is not None and flight.count >= self.max_waiters:
-            self.stats.shed += 1
+            self._shed()
             return False
         streams = flight.waiters.get(waiter)
         if streams is None:
@@ -278,7 +285,7 @@ class Flights:
         """
         running = self.max_inflight is not None and self.running >= self.max_inflight
         if running and len(self._queue) >= self.max_queued:
-            self.stats.shed += 1
+            self._shed()
             return False
         flight.waiters[waiter] = [stream]
         flight.arrived[waiter] = waiter.read_at
@@ -328,6 +335,25 @@ class Flights:
                 self._unsettle(flight)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _shed(self) -> None:
+        """Count a refused request; say once when shedding starts, once when it stops."""
+        self.stats.shed += 1
+        self._shed_recent += 1
+        if self._shedding is None:
+            _log.warning("shedding load: requests over max_waiters/max_inflight/max_queued "
+                         "are refused with OVERLOADED")
+            self._shedding = asyncio.get_running_loop().call_later(
+                _SHED_QUIET, self._shedding_check, self._shed_recent)
+
+    def _shedding_check(self, seen: int) -> None:
+        if self._shed_recent != seen:  # still shedding: look again later
+            self._shedding = asyncio.get_running_loop().call_later(
+                _SHED_QUIET, self._shedding_check, self._shed_recent)
+            return
+        _log.warning("shedding stopped after %d refused requests", self._shed_recent)
+        self._shedding = None
+        self._shed_recent = 0
 
     def _settle(self, flight: Flight) -> None:
         """`flight` was answered: requests already read but not dispatched may share it."""

@@ -10,7 +10,7 @@ import pytest
 
 from coalesce.cql import TRACING, Consistency, ErrorCode, Opcode, Query, QueryParameters
 
-from .conftest import LoopStack, ThreadStack
+from .conftest import LoopStack, ThreadStack, eventually
 from .cqlclient import CqlError, RawClient, result_of, rows_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,4 +213,21 @@ async def test_max_waiters_sheds_extra_callers_with_overloaded(
             outcomes.append(exc.code)
     assert outcomes.count("rows") == 2
     assert outcomes.count(ErrorCode.OVERLOADED) == 3
+    await admin.close()
+
+
+async def test_shedding_is_logged_once_when_it_starts_and_once_when_it_stops(
+    loop_stack: Callable[..., Any], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from coalesce.sidecar import flights
+
+    monkeypatch.setattr(flights, "_SHED_QUIET", 0.05)
+    _, admin = await _loop_setup(loop_stack, max_waiters=1)
+    with caplog.at_level("WARNING", logger="coalesce.sidecar.flights"):
+        await asyncio.gather(*(admin.send_query(READ) for _ in range(6)))
+        await eventually(lambda: any("stopped" in r.getMessage() for r in caplog.records))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("shedding load" in m for m in messages) == 1
+    assert messages[-1] == "shedding stopped after 5 refused requests"
     await admin.close()
