@@ -21,7 +21,11 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Final
 
-__all__ = ["MAX_TOKEN", "MIN_TOKEN", "murmur3_token", "routing_key"]
+__all__ = ["IGNORE_MSB_BITS", "MAX_TOKEN", "MIN_TOKEN", "murmur3_token", "routing_key",
+           "shard_of"]
+
+IGNORE_MSB_BITS: Final = 12
+"""Scylla's default ``murmur3_partitioner_ignore_msb_bits``."""
 
 MIN_TOKEN: Final = -(2**63)
 """The ring's minimum token (``Long.MIN_VALUE``); no key is given it."""
@@ -134,3 +138,14 @@ def _compiled() -> Callable[[bytes], int] | None:
 
 
 _murmur3: Callable[[bytes], int] = _compiled() or _murmur3_pure
+
+
+def shard_of(token: int, shards: int, ignore_msb: int = IGNORE_MSB_BITS) -> int:
+    """The shard (0 <= shard < shards) of a Scylla node that owns `token`.
+
+    Scylla's biased-token-round-robin: shift the signed token into [0, 2**64), drop its
+    top `ignore_msb` bits, and scale what is left, read as a fraction of 2**64, to
+    `shards`.
+    """
+    biased = ((token + (1 << 63)) << ignore_msb) & _MASK
+    return (biased * shards) >> 64

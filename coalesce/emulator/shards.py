@@ -29,6 +29,8 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from coalesce.cql.token import IGNORE_MSB_BITS, shard_of
+
 __all__ = [
     "IGNORE_MSB_BITS",
     "PARTITIONER",
@@ -44,22 +46,6 @@ PARTITIONER = "org.apache.cassandra.dht.Murmur3Partitioner"
 SHARDING_ALGORITHM = "biased-token-round-robin"
 """Scylla's name for the token -> shard mapping that `shard_of` implements."""
 
-IGNORE_MSB_BITS = 12
-"""Scylla's default `murmur3_partitioner_ignore_msb_bits`, which the emulator uses."""
-
-_MASK64 = (1 << 64) - 1
-
-
-def shard_of(token: int, shards: int, ignore_msb: int = IGNORE_MSB_BITS) -> int:
-    """The shard (0 <= shard < shards) that owns a Murmur3 `token`, as Scylla computes it.
-
-    Biased-token-round-robin: shift the signed token into [0, 2**64), drop its
-    top `ignore_msb` bits, and scale what is left, read as a fraction of
-    2**64, to `shards`.
-    """
-    biased = (token + (1 << 63)) & _MASK64
-    biased = (biased << ignore_msb) & _MASK64
-    return (biased * shards) >> 64
 
 
 @dataclass(frozen=True, slots=True)
