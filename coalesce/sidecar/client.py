@@ -111,8 +111,9 @@ class _Forward(Exchange):
         self, client: ClientConnection, stream: int, request: Request, plan: Forward,
         pool: Pool, partition: bytes | None,
     ) -> None:
-        node = pool.upstream.node_for_partition(partition)
-        super().__init__(pool, node, request.opcode, request.flags, request.body, plan.statement)
+        node, shard = pool.upstream.route(partition)
+        super().__init__(pool, node, request.opcode, request.flags, request.body, plan.statement,
+                         shard)
         self.client = client
         self.stream = stream
         self.plan = plan
@@ -608,9 +609,9 @@ class ClientConnection(asyncio.Protocol):
         assert pool is not None
         statement = p.statement
         partition = partition_of(request, statement)
-        node = proxy.upstream.node_for_partition(partition)
+        node, shard = proxy.upstream.route(partition)
         flight = Flight(flights, p.key, pool, node, request.opcode, request.flags, request.body,
-                        statement, p.table, partition)
+                        statement, p.table, partition, shard)
         if flights.start(flight, self, request.stream):
             self._flights.add(flight)
             flight.starter = self

@@ -16,6 +16,7 @@ replies.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import struct
@@ -165,6 +166,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_close = on_close
         self.on_timeout: Callable[[UpstreamConnection], None] | None = None
         self.heartbeating = False
+        self.shard: int | None = None  # the Scylla shard it was opened to, when known
         self.asked_for_credentials = False
         self.last_read = 0.0  # loop time of the last bytes from the node
         self._decoder = FrameDecoder(max_body=max_frame_size)
@@ -192,12 +194,18 @@ class UpstreamConnection(asyncio.Protocol):
         server_hostname: str | None = None,
         max_frame_size: int = 256 * 1024 * 1024,
         request_timeout: float | None = None,
+        local_port: int | None = None,
     ) -> UpstreamConnection:
         """Open the TCP (and TLS) connection; no CQL handshake yet.
 
-        Raises `UpstreamUnavailable` if the node cannot be reached within `timeout`.
+        `local_port` binds the connection's own port (Scylla's shard-aware port picks
+        the shard from it). Raises `UpstreamUnavailable` if the node cannot be reached
+        within `timeout`, and `OSError` (EADDRINUSE) if `local_port` is taken.
         """
         loop = asyncio.get_running_loop()
+        local_addr = None
+        if local_port is not None:
+            local_addr = ("::" if ":" in host else "0.0.0.0", local_port)
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(
@@ -207,11 +215,16 @@ class UpstreamConnection(asyncio.Protocol):
                     port,
                     ssl=ssl_context,
                     server_hostname=server_hostname if ssl_context is not None else None,
+                    local_addr=local_addr,
                 )
         except TimeoutError:
             raise UpstreamUnavailable(f"{node}: connect timed out after {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
+            if local_port is not None and exc.errno == errno.EADDRINUSE:
+                raise
             raise UpstreamUnavailable(f"{node}: {exc.strerror or exc}") from None
+        except ssl.SSLError as exc:
+            raise UpstreamUnavailable(f"{node}: {exc}") from None
         return protocol
 
     async def startup(self, timeout: float) -> Frame:

@@ -74,7 +74,7 @@ class Exchange:
     Not reusable: `start` once. Single event loop.
     """
 
-    __slots__ = ("body", "conn", "flags", "node", "opcode", "pool", "statement")
+    __slots__ = ("body", "conn", "flags", "node", "opcode", "pool", "shard", "statement")
 
     def __init__(
         self,
@@ -84,9 +84,11 @@ class Exchange:
         flags: int,
         body: bytes,
         statement: KnownStatement | None,
+        shard: int | None = None,
     ) -> None:
         self.pool = pool
         self.node = node
+        self.shard = shard
         self.opcode = opcode
         self.flags = flags & _FORWARDED_FLAGS  # never pass on a flag we do not know
         self.body = body
@@ -95,7 +97,7 @@ class Exchange:
 
     def start(self) -> None:
         """Send now on an open connection, or as soon as one opens."""
-        conn = self.pool.pick(self.node)
+        conn = self.pool.pick(self.node, self.shard)
         if conn is not None:
             self.conn = conn
             conn.send(self.opcode, self.body, self.flags, self)

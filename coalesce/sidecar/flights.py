@@ -134,8 +134,9 @@ class Flight(Exchange):
         statement: KnownStatement | None,
         table: Hashable,
         partition: bytes | None,
+        shard: int | None = None,
     ) -> None:
-        super().__init__(pool, node, opcode, flags, body, statement)
+        super().__init__(pool, node, opcode, flags, body, statement, shard)
         self.flights = flights
         self.key = key
         self.table = table

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
+import random
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from coalesce.cql import (
@@ -43,8 +46,10 @@ from coalesce.cql import (
     QueryParameters,
     Register,
     ResultRows,
+    Supported,
     decode_result,
 )
+from coalesce.cql.token import shard_of
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.connection import UpstreamConnection
 from coalesce.sidecar.errors import (
@@ -54,10 +59,14 @@ from coalesce.sidecar.errors import (
 )
 from coalesce.sidecar.ring import Ring, token_of
 
-__all__ = ["Node", "Pool", "Upstream", "plain_username"]
+__all__ = ["Node", "Pool", "Sharding", "Upstream", "plain_username"]
 
 _log = logging.getLogger(__name__)
 _CONNECTING_AT_ONCE: Final = 8
+# Local ports for shard-aware connections: above Linux's ephemeral range (32768-60999),
+# where the kernel's own choices and their TIME_WAIT leftovers rarely are.
+_EPHEMERAL_LOW: Final = 61000
+_EPHEMERAL_HIGH: Final = 65535
 _STARTUP_BODY: Final = b"\x00\x01\x00\x0bCQL_VERSION\x00\x053.0.0"
 _DEFAULT_AUTHENTICATOR: Final = "org.apache.cassandra.auth.PasswordAuthenticator"
 
@@ -82,6 +91,33 @@ def plain_username(token: bytes | None) -> str | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Sharding:
+    """What a Scylla node says of its shards in SUPPORTED.
+
+    `port` is its shard-aware port (None: not advertised, or it failed us): a
+    connection to it from local port p is served by shard ``p % shards``.
+    """
+
+    shards: int
+    ignore_msb: int
+    port: int | None
+
+    @classmethod
+    def from_supported(cls, options: dict[str, list[str]]) -> Sharding | None:
+        try:
+            shards = int(options["SCYLLA_NR_SHARDS"][0])
+            ignore_msb = int(options.get("SCYLLA_SHARDING_IGNORE_MSB", ["12"])[0])
+            algorithm = options.get("SCYLLA_SHARDING_ALGORITHM", ["biased-token-round-robin"])
+            port_text = options.get("SCYLLA_SHARD_AWARE_PORT", [""])[0]
+        except (KeyError, IndexError, ValueError):
+            return None
+        if shards < 1 or algorithm[0] != "biased-token-round-robin":
+            return None
+        port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+        return cls(shards, ignore_msb, port)
+
+
 class Node:
     """One upstream node: its address, reachability and back-off state.
 
@@ -92,7 +128,7 @@ class Node:
 
     __slots__ = (
         "connections", "data_center", "failures", "failures_logged", "host", "last_error",
-        "name", "port", "rack", "reachable", "retry_at", "tokens_known",
+        "name", "port", "rack", "reachable", "retry_at", "sharding", "tokens_known",
     )
 
     def __init__(self, host: str, port: int) -> None:
@@ -102,6 +138,7 @@ class Node:
         self.reachable: bool | None = None
         self.failures = 0
         self.failures_logged = False
+        self.sharding: Sharding | None = None
         self.retry_at = 0.0
         self.last_error: str | None = None
         self.tokens_known = False
@@ -249,11 +286,32 @@ class Upstream:
             del self._pools[(pool.role, pool.keyspace)]
         pool.close()
 
-    def node_for_partition(self, partition: bytes | None) -> Node | None:
-        """The node owning a serialized partition key (None: unknown, or one node)."""
-        if partition is None or len(self.nodes) < 2:
-            return None
-        return self.node_for_token(token_of(partition))
+    def route(self, partition: bytes | None) -> tuple[Node | None, int | None]:
+        """The node, and its shard, owning a serialized partition key (None: unknown;
+        no token is computed when there is nothing to choose)."""
+        if partition is None:
+            return None, None
+        nodes = self.nodes
+        if len(nodes) == 1:
+            node: Node | None = nodes[0]
+            if node is None or node.sharding is None:
+                return node, None
+            token = token_of(partition)
+        else:
+            token = token_of(partition)
+            node = self.node_for_token(token)
+        sharding = node.sharding if node is not None else None
+        if sharding is None:
+            return node, None
+        return node, shard_of(token, sharding.shards, sharding.ignore_msb)
+
+    def _learn_sharding(self, node: Node, options: dict[str, list[str]]) -> None:
+        sharding = Sharding.from_supported(options)
+        if sharding != node.sharding:
+            if sharding is not None and sharding.port is not None and node.sharding is not None \
+                    and node.sharding.port is None and node.sharding.shards == sharding.shards:
+                return  # its shard-aware port failed us once: keep to the plain port
+            node.sharding = sharding
 
     def node_for_token(self, token: int) -> Node | None:
         owner = self.ring.owner(token)
@@ -332,21 +390,52 @@ class Upstream:
             nodes = nodes[start:] + nodes[:start]
         return nodes
 
-    async def _connect_transport(self, node: Node) -> UpstreamConnection:
+    async def _connect_to_shard(self, node: Node, shard: int) -> UpstreamConnection:
+        """A connection served by `shard` of `node`, through its shard-aware port.
+
+        The local port decides the shard (``port % shards``); a port taken locally is
+        tried again with another. If the shard-aware port fails, the node is used through
+        its ordinary port from then on (connections of unknown shard).
+        """
+        sharding = node.sharding
+        assert sharding is not None and sharding.port is not None
+        n = sharding.shards
+        for _ in range(16):
+            local = random.randrange(_EPHEMERAL_LOW // n + 1, _EPHEMERAL_HIGH // n) * n + shard
+            try:
+                conn = await self._connect_transport(node, sharding.port, local)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            except UpstreamUnavailable:
+                node.sharding = replace(sharding, port=None)
+                _log.warning("%s: shard-aware port %d unusable; using the CQL port",
+                             node.name, sharding.port)
+                break
+            conn.shard = shard
+            return conn
+        return await self._connect_transport(node)
+
+    async def _connect_transport(
+        self, node: Node, port: int | None = None, local_port: int | None = None
+    ) -> UpstreamConnection:
         config = self.config
         try:
             conn = await UpstreamConnection.connect(
-                node.host, node.port, node=node.name, timeout=config.connect_timeout,
+                node.host, port or node.port, node=node.name, timeout=config.connect_timeout,
                 ssl_context=self._ssl, server_hostname=node.host,
                 max_frame_size=max(config.max_frame_size, 256 * 1024 * 1024),
-                request_timeout=config.request_timeout,
+                request_timeout=config.request_timeout, local_port=local_port,
             )
         except UpstreamUnavailable as exc:
             self._node_failed(node, str(exc))
             raise
         return conn  # reachable once it answers in CQL, not when TCP connects
 
-    async def connect(self, node: Node, role: str, keyspace: str | None) -> UpstreamConnection:
+    async def connect(
+        self, node: Node, role: str, keyspace: str | None, shard: int | None = None
+    ) -> UpstreamConnection:
         """A new connection to `node`, logged in as `role`, using `keyspace`.
 
         Raises `UpstreamUnavailable` if the node cannot be reached and
@@ -358,7 +447,8 @@ class Upstream:
                 _error_body(0x0100, "the sidecar holds no credentials for this role"),
             )
         async with self._connecting:
-            conn = await self._connect_transport(node)
+            conn = await self._connect_to_shard(node, shard) if shard is not None else (
+                await self._connect_transport(node))
             try:
                 await conn.login(self._tokens.get(role), self.config.request_timeout)
                 self._node_ok(node)
@@ -475,6 +565,8 @@ class Upstream:
             if reply.opcode != Opcode.SUPPORTED:
                 self._node_failed(node, f"OPTIONS answered with opcode 0x{reply.opcode:02x}")
                 return False
+            with contextlib.suppress(Exception):
+                self._learn_sharding(node, Supported.decode(reply.body).options)
             reply = await conn.request(Opcode.STARTUP, _STARTUP_BODY, timeout=timeout)
             self._node_ok(node)
         except UpstreamError as exc:
@@ -579,6 +671,7 @@ class Pool:
         self.keyspace = keyspace
         self.target = upstream.config.connections_per_node
         self._by_node: dict[Node, list[UpstreamConnection]] = {n: [] for n in upstream.nodes}
+        self._by_shard: dict[tuple[Node, int], UpstreamConnection] = {}
         self.live: list[UpstreamConnection] = []  # open connections, any node
         self.refs = 0  # clients (and borrowers) using the pool
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -590,8 +683,10 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool role={self.role!r} keyspace={self.keyspace!r} live={len(self.live)}>"
 
-    def pick(self, node: Node | None = None) -> UpstreamConnection | None:
-        """An open connection, preferring `node`; None if there is none right now.
+    def pick(self, node: Node | None = None, shard: int | None = None
+             ) -> UpstreamConnection | None:
+        """An open connection, preferring `node` (and its `shard`); None if there is none
+        right now.
 
         A connection whose 32,768 stream ids are all taken is passed over; when every
         one is, the pool grows (up to 4x ``connections_per_node`` per node) and None
@@ -601,7 +696,9 @@ class Pool:
             for short in list(self._short):
                 self._open(short)
         conn: UpstreamConnection | None = None
-        if node is not None:
+        if shard is not None and node is not None:
+            conn = self._by_shard.get((node, shard))
+        if conn is None and node is not None:
             conns = self._by_node.get(node)
             if conns:
                 conn = conns[0] if len(conns) == 1 else min(conns, key=_in_flight)
@@ -660,14 +757,15 @@ class Pool:
     def add(self, conn: UpstreamConnection) -> None:
         """Take an already logged-in connection (closing it if the pool is full)."""
         node = self._node_named(conn.node)
-        if node is None or self._closed or len(self._by_node[node]) >= self.target:
+        if node is None or self._closed or (
+                len(self._by_node[node]) >= self.target and self._full(node)):
             conn.close()
             return
         self._attach(node, conn)
 
     def refill(self, node: Node) -> None:
         """Open connections to `node` again (it came back)."""
-        if len(self._by_node.get(node, ())) < self.target:
+        if node in self._by_node and not self._full(node):
             self._short.add(node)
             self._open(node)
 
@@ -689,15 +787,31 @@ class Pool:
                 return node
         return None
 
+    def _full(self, node: Node) -> bool:
+        """`node` has its connections: one per shard when it has a shard-aware port."""
+        sharding = node.sharding
+        if sharding is not None and sharding.port is not None:
+            return self._missing_shard(node, sharding.shards) is None
+        return len(self._by_node[node]) >= self.target
+
+    def _missing_shard(self, node: Node, shards: int) -> int | None:
+        by_shard = self._by_shard
+        return next((s for s in range(shards) if (node, s) not in by_shard), None)
+
     def _open(self, node: Node) -> None:
         if node in self._opening or self._closed or self.upstream._closed:
             return
-        if len(self._by_node[node]) >= self.target:
+        if self._full(node):
             self._short.discard(node)
             return
         if not node.may_connect(asyncio.get_running_loop().time()):
             return
-        task = self.upstream.spawn(self.upstream.connect(node, self.role, self.keyspace))
+        sharding = node.sharding
+        shard = None
+        if sharding is not None and sharding.port is not None:
+            shard = self._missing_shard(node, sharding.shards)
+        task = self.upstream.spawn(
+            self.upstream.connect(node, self.role, self.keyspace, shard))
         self._opening[node] = task
         task.add_done_callback(lambda t: self._opened(node, t))
 
@@ -713,14 +827,16 @@ class Pool:
             conn.close()
             return
         self._attach(node, conn)
-        if len(self._by_node[node]) < self.target:
+        if not self._full(node):
             self._open(node)
 
     def _attach(self, node: Node, conn: UpstreamConnection) -> None:
         conns = self._by_node[node]
         conns.append(conn)
         self.live.append(conn)
-        if len(conns) >= self.target:
+        if conn.shard is not None:
+            self._by_shard.setdefault((node, conn.shard), conn)
+        if self._full(node):
             self._short.discard(node)
         conn.on_close = lambda c: self._detach(node, c)
         self.upstream._attached(node, conn)
@@ -730,6 +846,8 @@ class Pool:
             self._by_node[node].remove(conn)
         with contextlib.suppress(ValueError):
             self.live.remove(conn)
+        if conn.shard is not None and self._by_shard.get((node, conn.shard)) is conn:
+            del self._by_shard[(node, conn.shard)]
         if not self._closed:
             self._short.add(node)
         self.upstream._detached(node, conn, unexpected=not self._closed)
