@@ -4,8 +4,10 @@ Setup frames (OPTIONS, STARTUP, AUTH_RESPONSE, REGISTER) are answered here (the 
 is verified by Scylla, see `LoginRelay`). Each QUERY, EXECUTE, PREPARE and BATCH is
 read once into a `Request`, decided by `plan`, and the plan executed: a `Merge` joins
 or starts a `Flight`, a `Forward` is an `Exchange` of its own, a `Use` switches this
-connection's upstream pool, an `Unprepared` is answered at once. Every answer goes
-back under the client's own stream id, LZ4-compressed when the client negotiated it.
+connection's upstream pool, an `Unprepared` is answered at once. A request whose body
+equals (but for its timestamp) one this connection already planned into a flight still
+joinable joins it without being read again: the herd's path. Every answer goes back
+under the client's own stream id, LZ4-compressed when the client negotiated it.
 
 What one client can make the sidecar hold is bounded, and its misbehaviour costs only
 itself:
@@ -13,9 +15,11 @@ itself:
 - a malformed frame or body is answered with PROTOCOL_ERROR and closes this
   connection; a body is checked before it is sent upstream, so it never reaches a
   connection other clients share;
-- at most ``max_client_requests`` unanswered requests and ``max_client_buffer``
-  unsent answer bytes: past either, the sidecar stops reading from the client until
-  it catches up (TCP does the rest);
+- at most ``max_client_requests`` unanswered requests, ``max_client_buffer`` unsent
+  answer bytes (beyond which only answers to requests already taken are written) and
+  as many decompressed request bytes held upstream-bound: past any, the sidecar takes
+  no further frame from the client and stops reading until it catches up (TCP does the
+  rest); frames before the handshake are at most 64 KiB;
 - frames are dispatched within the sidecar's shared ingest budget (`Proxy.take_budget`),
   the rest wait in this connection's backlog (and reading pauses), so answers
   arriving from Scylla never wait behind a burst of ingest; a request read before its
