@@ -96,7 +96,10 @@ _EXECUTE: Final = int(Opcode.EXECUTE)
 _QUERY: Final = int(Opcode.QUERY)
 _FAST: Final = frozenset({_EXECUTE, _QUERY})
 _FAST_ENTRIES: Final = 64
-_MAX_SETUP_FRAME: Final = 64 * 1024  # before the client is ready (SASL tokens included)
+_NOT_READING: Final = ("this connection does not read its answers: the sidecar holds no more "
+                       "of them")
+_MAX_SETUP_FRAME: Final = 64 * 1024
+_MAX_PARTIAL_TOTAL: Final = 256 * 1024 * 1024  # before the client is ready (SASL tokens included)
 _EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
 _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
@@ -210,6 +213,8 @@ class ClientConnection(asyncio.Protocol):
         self._seq = 0
         self.read_at = 0.0  # loop time of the read that brought the frame being dispatched
         self.queued = False  # waiting in the proxy's queue for ingest budget
+        self._partial = 0  # bytes of an unfinished frame (counted in Proxy.partial_bytes)
+        self._partial_epoch = 0
         self._pending = 0  # requests received and not answered yet
         # Request bytes (decompressed) this client has the sidecar hold upstream-bound:
         # a bound of their own, since LZ4 lets a few bytes on the wire become many.
@@ -247,6 +252,8 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._backlog.clear()
+        proxy.partial_bytes -= self._partial
+        self._partial = 0
         for task in list(self._tasks):
             task.cancel()
         flights, self._flights = self._flights, set()
@@ -285,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
             self._fatal(stream, exc.message)
             return
         proxy = self._proxy
+        if self._decoder.buffered != self._partial and self._track_partial():
+            return
         seq = proxy.ingest_seq = proxy.ingest_seq + 1
         now = self._activity
         if self._backlog:
@@ -299,6 +308,36 @@ class ClientConnection(asyncio.Protocol):
         self._seq = seq
         self.read_at = now
         self._dispatch_all(seq, now, frames)
+
+    def _track_partial(self) -> bool:
+        """Account for the bytes of an unfinished frame; True if that closed us.
+
+        A frame must arrive whole within ``handshake_timeout`` of its first bytes, and
+        all connections together hold at most `_MAX_PARTIAL_TOTAL` bytes of unfinished
+        frames (a connection holding more than 1 MiB of one past that is closed): a
+        client that stops in the middle of a large frame cannot pin memory for long,
+        nor many such clients much of it.
+        """
+        proxy = self._proxy
+        buffered = self._decoder.buffered
+        proxy.partial_bytes += buffered - self._partial
+        started = not self._partial and buffered
+        self._partial = buffered
+        if started:
+            self._partial_epoch += 1
+            asyncio.get_running_loop().call_later(
+                proxy.config.handshake_timeout, self._partial_expired, self._partial_epoch)
+        if proxy.partial_bytes > _MAX_PARTIAL_TOTAL and buffered > 1024 * 1024:
+            self._write_error(0, ErrorCode.OVERLOADED,
+                              "the sidecar holds too many unfinished frames; send it again")
+            self.close()
+            return True
+        return False
+
+    def _partial_expired(self, epoch: int) -> None:
+        if self._partial and epoch == self._partial_epoch and not self._closed:
+            self._proxy.stats.timed_out += 1
+            self._close_quietly()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -339,6 +378,10 @@ class ClientConnection(asyncio.Protocol):
             proxy.loop_time() - flight.arrived.pop(self, self.read_at), len(streams))
         out = self._out
         if out is None or self._closed:
+            return
+        if self._write_paused and self._over_hard_limit():
+            for stream in streams:
+                self._write_error(stream, ErrorCode.OVERLOADED, _NOT_READING)
             return
         if len(streams) == 1:  # one copy of the body, as for a forwarded answer
             body = answer.lz4_body() if self._lz4 and answer.body else answer.body
@@ -767,12 +810,22 @@ class ClientConnection(asyncio.Protocol):
         out = self._out
         if out is None or self._closed:
             return
+        if self._write_paused and opcode != Opcode.ERROR and self._over_hard_limit():
+            opcode, flags, body = Opcode.ERROR, 0, Error(ErrorCode.OVERLOADED,
+                                                        _NOT_READING).encode()
         if self._lz4 and body:
             body = compress_body(body)
             flags |= COMPRESSION
         else:
             flags &= ~COMPRESSION
         out.put(_HEADER.pack(_RESPONSE_V4, flags, stream, opcode, len(body)) + body)
+
+    def _over_hard_limit(self) -> bool:
+        """Unsent bytes past 4x ``max_client_buffer``: the client reads nothing, and the
+        answers to what it sent before it stopped would otherwise pile up."""
+        transport = self._transport
+        return (transport is not None
+                and transport.get_write_buffer_size() > 4 * self._proxy.config.max_client_buffer)
 
     def _write_failure(self, stream: int, error: UpstreamError) -> None:
         if isinstance(error, UpstreamRefused):

@@ -85,6 +85,7 @@ class Proxy:
         self._call_soon: Callable[..., object] = loop.call_soon
         self._idle = asyncio.Event()
         self._idle.set()
+        self.partial_bytes = 0  # bytes of unfinished frames, all connections together
         self.ingest_seq = 0  # reads from clients so far (the Ingest protocol's `seq`)
         self._budget = INGEST_BUDGET
         self._refill_due = False

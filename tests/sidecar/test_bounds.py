@@ -417,3 +417,55 @@ async def test_floods_of_use_register_and_options_cost_bounded_state_and_no_one_
     await flooder.close()
     await admin.close()
 
+
+
+async def test_answers_a_client_never_reads_stop_piling_up_past_four_times_its_buffer(
+    loop_stack: Callable[..., Any],
+) -> None:
+    # Distinct reads of ~100 KB answers, all read before the first answer comes back:
+    # the request bound cannot stop them, the answers are what piles up.
+    stack, admin = await _setup(loop_stack, max_client_buffer=64 * 1024)
+    await admin.query(f"INSERT INTO ks.kv (k, v) VALUES (2, '{'x' * 100_000}')")
+    reader, writer = await _deaf_connection(stack.sidecar.port)
+    await eventually(lambda: len(_clients(stack.sidecar)) == 2)
+    port = writer.get_extra_info("sockname")[1]
+    deaf = next(c for c in _clients(stack.sidecar)
+                if c._transport.get_extra_info("peername")[1] == port)
+    count = 100
+    writer.write(b"".join(
+        encode_frame(Opcode.QUERY, Query("SELECT v FROM ks.kv WHERE k = 2",  # distinct keys:
+                                         QueryParameters(1, page_size=i + 1)).encode(),
+                     stream=i + 1)
+        for i in range(count)))
+    with _peaks(lambda: {"unsent": deaf._transport.get_write_buffer_size()}) as peak:
+        await eventually(lambda: not deaf.pending)
+        assert rows_of(await asyncio.wait_for(admin.send_query(READ), BOUND)) == ONE_ROW
+    assert peak["unsent"] <= 4 * 64 * 1024 + 2 * 100_100, peak
+    decoder = FrameDecoder()
+    frames: list[Any] = []
+    async with asyncio.timeout(BOUND):
+        while len(frames) < count:
+            frames += decoder.feed(await reader.read(1 << 20))
+    codes = [Error.decode(f.body).code for f in frames if f.opcode == Opcode.ERROR]
+    assert codes and set(codes) == {ErrorCode.OVERLOADED}
+    assert len(frames) == count
+    writer.close()
+    await admin.close()
+
+
+async def test_a_client_stopping_in_the_middle_of_a_frame_is_closed_after_the_deadline(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, handshake_timeout=0.2)
+    reader, writer = await _deaf_connection(stack.sidecar.port)
+    frame = encode_frame(Opcode.QUERY, Query("SELECT * FROM ks.kv", QueryParameters(1)).encode()
+                         + b"\x00" * 500_000, stream=1)
+    writer.write(frame[:-1])  # all but its last byte
+    await eventually(lambda: stack.sidecar._require_proxy().partial_bytes > 0)
+    async with asyncio.timeout(BOUND):
+        while await reader.read(65536):
+            pass  # closed by the sidecar
+    assert stack.sidecar._require_proxy().partial_bytes == 0
+    assert rows_of(await asyncio.wait_for(admin.send_query(READ), BOUND)) == ONE_ROW
+    writer.close()
+    await admin.close()
