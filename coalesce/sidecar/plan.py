@@ -128,7 +128,7 @@ def plan(request: Request, role: str, keyspace: str | None, statements: Statemen
     if opcode == _EXECUTE:
         query_id = request.query_id
         assert query_id is not None
-        statement = statements.by_id.get(query_id)
+        statement = statements.get(query_id)
         if statement is None:
             return Unprepared(query_id)
         table = statement.merge_table

@@ -64,7 +64,8 @@ class KnownStatement:
 
 
 class StatementCache:
-    """Statement id -> `KnownStatement`, bounded by count and bytes, newest kept.
+    """Statement id -> `KnownStatement`, bounded by count and bytes, least recently used
+    evicted first.
 
     Single event loop, no locks.
     """
@@ -88,7 +89,14 @@ class StatementCache:
         return self._bytes
 
     def get(self, query_id: bytes | None) -> KnownStatement | None:
-        return self.by_id.get(query_id) if query_id is not None else None
+        """The statement of `query_id`, marked as just used (least recently used go first,
+        so a flood of new statements evicts the idle ones, not those in use)."""
+        if query_id is None:
+            return None
+        statement = self.by_id.get(query_id)
+        if statement is not None:
+            self.by_id.move_to_end(query_id)
+        return statement
 
     def learn(self, query: str, keyspace: str | None, result_body: bytes) -> KnownStatement:
         """Record the statement a PREPARED result body describes, and return it.

@@ -613,17 +613,30 @@ class Upstream:
         conn.heartbeating = True
         timeout = self.config.heartbeat_timeout
 
-        def expired() -> None:
-            if conn.heartbeating and not conn.closed:
-                conn.heartbeating = False
-                self.timeouts += 1
-                conn.abort(f"no answer to a heartbeat within {timeout:g}s")
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        timer: list[asyncio.TimerHandle] = []
 
-        timer = asyncio.get_running_loop().call_later(timeout, expired)
+        def expired() -> None:
+            nonlocal sent
+            if not conn.heartbeating or conn.closed:
+                return
+            if conn.last_read > sent:
+                # Answers are flowing, only slowly (a queue ahead of the OPTIONS): the
+                # node is alive, and dropping the connection would fail every request on
+                # it. Look again after another heartbeat timeout.
+                sent = loop.time()
+                timer[0] = loop.call_later(timeout, expired)
+                return
+            conn.heartbeating = False
+            self.timeouts += 1
+            conn.abort(f"no answer to a heartbeat within {timeout:g}s")
+
+        timer.append(loop.call_later(timeout, expired))
 
         def answered(outcome: object) -> None:
             conn.heartbeating = False
-            timer.cancel()
+            timer[0].cancel()
 
         conn.send(Opcode.OPTIONS, _OPTIONS_BODY, 0, answered, timeout=None)
 

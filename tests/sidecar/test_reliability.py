@@ -154,6 +154,21 @@ async def test_a_statement_evicted_by_the_byte_bound_is_answered_unprepared_then
     await admin.close()
 
 
+async def test_a_prepare_flood_evicts_idle_statements_not_those_in_use(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, prepared_cache=2)
+    used = await admin.prepare("SELECT v FROM ks.kv WHERE k = ?")
+    idle = await admin.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
+    result_of(await admin.send_execute(used.query_id, [INT1]))  # in use: kept
+    await admin.prepare("SELECT k FROM ks.kv WHERE k = ?")  # one more than fits
+    assert rows_of(await admin.send_execute(used.query_id, [INT1])) == [[b"one"]]
+    with pytest.raises(CqlError) as evicted:
+        result_of(await admin.send_execute(idle.query_id, [INT1, b"x"]))
+    assert evicted.value.code == ErrorCode.UNPREPARED
+    await admin.close()
+
+
 # -- 5. one request never fails another client's ------------------------------------------
 
 
