@@ -32,6 +32,11 @@ before any load (the constant). PASS needs: peak RSS under the bound, no wrong a
 the sidecar alive at the end, and reads answered again in the last fifth of the run
 (the freeze is over by then). Errors are reported, not judged: the freeze is meant to
 produce some. Results go to ``--json`` (default benchmarks/out/soak.json).
+
+The bound holds for this workload, not for every client: the answer size is the
+client's choice (a read of a whole table), and a connection part-way through a frame
+holds up to ``max_frame_size`` besides its unsent answers.
+``benchmarks/adversary_memory.py`` reproduces both.
 """
 
 from __future__ import annotations
