@@ -9,7 +9,8 @@ something. For ``--duration`` seconds (``--quick``: 15 s), at once:
 
 - ``--idle`` (300) connections that finish STARTUP and then send nothing;
 - ``--active`` (50) connections reading distinct partitions, one read in flight each,
-  every answer checked against the value written;
+  every answer checked against the value written (an UNPREPARED answer is counted,
+  then the statement prepared again and the read retried once, as drivers do);
 - a herd: ``--herd`` (500) identical reads of one partition over the active
   connections, again as soon as the last one is answered;
 - one client that sends reads of a large row as fast as the socket takes them and
@@ -68,7 +69,8 @@ _BIG_VALUE = b"B" * 4096
 _MAX_CLIENT_BUFFER = 256 * 1024
 _MAX_CLIENT_REQUESTS = 2048
 _PREPARED_CACHE_BYTES = 1024 * 1024
-_CLIENT_TIMEOUT = 15.0  # above the sidecar's 12 s request timeout
+_CLIENT_TIMEOUT = 15.0
+_SELECT = "SELECT v FROM soak.kv WHERE k = ?"  # above the sidecar's 12 s request timeout
 
 
 def rss_kib(pid: int) -> int | None:
@@ -111,7 +113,8 @@ class Tally:
         elif isinstance(exc, CqlReplyError):
             kind = {0x1001: "overloaded", 0x0000: "server_error",
                     0x1100: "write_timeout", 0x1200: "read_timeout",
-                    0x1000: "unavailable"}.get(exc.code, f"error_0x{exc.code:04x}")
+                    0x1000: "unavailable", 0x2500: "unprepared",
+                    }.get(exc.code, f"error_0x{exc.code:04x}")
         elif isinstance(exc, ConnectionError | OSError):
             kind = "connection_lost"
         else:
@@ -121,10 +124,25 @@ class Tally:
 
 
 async def _read(conn: CqlConn, select: bytes, key: int, tally: Tally) -> None:
-    try:
-        tally.ok(rows(await conn.execute(select, [int32(key)], timeout=_CLIENT_TIMEOUT)), key)
-    except (TimeoutError, CqlReplyError, ConnectionError, OSError) as exc:
-        tally.error(exc)
+    """One checked read; on UNPREPARED, prepares again and retries once, as drivers do."""
+    for attempt in range(2):
+        try:
+            tally.ok(rows(await conn.execute(select, [int32(key)], timeout=_CLIENT_TIMEOUT)),
+                     key)
+            return
+        except CqlReplyError as exc:
+            tally.error(exc)
+            if exc.code != 0x2500 or attempt:
+                return
+            try:
+                # The same text has the same id, so `select` stays valid.
+                await conn.prepare(_SELECT, timeout=_CLIENT_TIMEOUT)
+            except (TimeoutError, CqlReplyError, ConnectionError, OSError) as again:
+                tally.error(again)
+                return
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            tally.error(exc)
+            return
 
 
 async def _load(port: int) -> None:
@@ -142,8 +160,7 @@ async def _reconnecting(port: int, tally: Tally) -> tuple[CqlConn, bytes]:
     while True:
         try:
             conn = await CqlConn.connect(port, timeout=_CLIENT_TIMEOUT)
-            return conn, await conn.prepare("SELECT v FROM soak.kv WHERE k = ?",
-                                            timeout=_CLIENT_TIMEOUT)
+            return conn, await conn.prepare(_SELECT, timeout=_CLIENT_TIMEOUT)
         except (TimeoutError, CqlReplyError, ConnectionError, OSError) as exc:
             tally.error(exc)
             await asyncio.sleep(0.2)
@@ -254,7 +271,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     with _procs.emulator("0") as emu, _procs.sidecar(emu.port, False) as side:
         await _load(emu.port)
         probe = await CqlConn.connect(side.port)
-        select = await probe.prepare("SELECT v FROM soak.kv WHERE k = ?")
+        select = await probe.prepare(_SELECT)
         # One answer of the big row, header included, is the answer size of the bound.
         _, body = await probe.request(
             Opcode.EXECUTE, Execute(select, QueryParameters(1, [int32(_BIG)])).encode())
