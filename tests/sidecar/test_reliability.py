@@ -157,7 +157,7 @@ async def test_a_statement_evicted_by_the_byte_bound_is_answered_unprepared_then
 async def test_a_prepare_flood_evicts_idle_statements_not_those_in_use(
     loop_stack: Callable[..., Any],
 ) -> None:
-    stack, admin = await _setup(loop_stack, prepared_cache=2)
+    _, admin = await _setup(loop_stack, prepared_cache=2)
     used = await admin.prepare("SELECT v FROM ks.kv WHERE k = ?")
     idle = await admin.prepare("INSERT INTO ks.kv (k, v) VALUES (?, ?)")
     result_of(await admin.send_execute(used.query_id, [INT1]))  # in use: kept
