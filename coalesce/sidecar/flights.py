@@ -186,6 +186,8 @@ class Flight(Exchange):
             flights._settle(self)
             for waiter, streams in waiters.items():
                 waiter.answer(self, streams, answer)
+            if self.settled_seq < 0:
+                self.answer = None  # kept only while requests read before it may need it
         self.arrived = {}
 
     def fail(self, error: UpstreamError) -> None:
@@ -370,6 +372,7 @@ class Flights:
 
     def _unsettle(self, flight: Flight) -> None:
         flight.settled_seq = -1
+        flight.answer = None
         self.freshness.untrack(flight.key, flight.table, flight.partition)
 
     def _send(self, flight: Flight) -> None:
