@@ -98,9 +98,9 @@ _FAST: Final = frozenset({_EXECUTE, _QUERY})
 _FAST_ENTRIES: Final = 64
 _NOT_READING: Final = ("this connection does not read its answers: the sidecar holds no more "
                        "of them")
-_MAX_SETUP_FRAME: Final = 64 * 1024
-_MAX_PARTIAL_TOTAL: Final = 256 * 1024 * 1024  # before the client is ready (SASL tokens included)
-_EXTRAS: Final = WARNING | 0x02 | 0x04  # tracing, custom payload
+_MAX_SETUP_FRAME: Final = 64 * 1024  # before the client is ready (SASL tokens included)
+_MAX_PARTIAL_TOTAL: Final = 256 * 1024 * 1024  # unfinished frames, all clients together
+_EXTRAS: Final = WARNING | TRACING | CUSTOM_PAYLOAD
 _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
 ).encode()
@@ -112,7 +112,7 @@ _NEW, _STARTING, _AUTHENTICATING, _AUTH_SENT, _READY, _REFUSED = range(6)
 class _Forward(Exchange):
     """One request passed through alone: its client, and what its answer does."""
 
-    __slots__ = ("client", "partition", "plan", "read_at", "stream")
+    __slots__ = ("client", "partition", "plan", "read_at", "stream", "text")
 
     def __init__(
         self, client: ClientConnection, stream: int, request: Request, plan: Forward,
@@ -126,6 +126,7 @@ class _Forward(Exchange):
         self.plan = plan
         self.partition = partition
         self.read_at = client.read_at
+        self.text = request.text  # a PREPARE's statement, learned from its answer
 
     @property
     def abandoned(self) -> bool:
@@ -139,7 +140,7 @@ class _Forward(Exchange):
             proxy.flights.freshness.written_by(p.writes, p.keyspace, self.partition)
         if type(outcome) is Frame and outcome.opcode == Opcode.RESULT:
             if p.learn:
-                _learn(proxy, outcome, client.request_text(self), self.pool.keyspace)
+                _learn(proxy, outcome, self.text, self.pool.keyspace)
             elif p.rewrite is not None:
                 outcome = _rewrite(proxy, outcome, p)
         client._held -= len(self.body)
@@ -205,7 +206,6 @@ class ClientConnection(asyncio.Protocol):
         # Per opcode: key body (minus timestamp) -> the flight this connection planned it
         # into; valid while that flight is joinable. Cleared on USE (keys hold keyspaces).
         self._fast: dict[int, dict[bytes, Flight]] = {_EXECUTE: {}, _QUERY: {}}
-        self._texts: dict[_Forward, str] = {}  # PREPAREs in flight -> their text
         # Frames read but not dispatched yet, with the ingest sequence number of the
         # read that brought them (see `Proxy.ingest`); `_seq` is that of the frame
         # being dispatched now.
@@ -373,9 +373,11 @@ class ClientConnection(asyncio.Protocol):
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
         self._release_flight(flight)
         self._answered(len(streams))
+        self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
+
+    def _write_answer(self, streams: list[int], answer: Answer, read_at: float) -> None:
         proxy = self._proxy
-        proxy.stats.latency["merged"].observe(
-            proxy.loop_time() - flight.arrived.pop(self, self.read_at), len(streams))
+        proxy.stats.latency["merged"].observe(proxy.loop_time() - read_at, len(streams))
         out = self._out
         if out is None or self._closed:
             return
@@ -410,12 +412,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _answer_now(self, stream: int, flight: Flight) -> None:
         """Answer `stream` from a flight that finished after the request was read."""
-        answer = flight.answer
-        assert answer is not None
-        self._pending += 1
-        self._proxy.in_flight += 1
-        self._flights.add(flight)
-        self.answer(flight, [stream], answer)
+        assert flight.answer is not None
+        self._write_answer([stream], flight.answer, self.read_at)
 
     def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None:
         self._release_flight(flight)
@@ -546,33 +544,9 @@ class ClientConnection(asyncio.Protocol):
                 body = decompress_body(body, max_size=self._max_frame)
                 flags &= ~_COMPRESSION
             if self._state == _READY and opcode in _PLANNED:
-                if opcode in _FAST and not flags & _UNMERGEABLE and len(body) > 13:
-                    # A body identical (but for its timestamp) to one this connection
-                    # planned and checked joins that flight without being read again.
-                    at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
-                        4 + int.from_bytes(body[:4], "big", signed=True))
-                    if 2 + at < len(body):
-                        flight = self._fast[opcode].get(
-                            body[:-8] if body[at + 2] & _TIMESTAMP else body)
-                        if flight is not None and not flight.joinable:
-                            if flight.settled_seq >= self._seq:  # read before its answer
-                                proxy.stats.merged += 1
-                                proxy.flights.stats.joined += 1
-                                self._answer_now(stream, flight)
-                                return
-                            flight = None
-                        if flight is not None:  # `_joined`, inlined: the herd's path
-                            proxy.stats.merged += 1
-                            if proxy.flights.join_flight(flight, self, stream):
-                                self._flights.add(flight)
-                                self._pending += 1
-                                proxy.in_flight += 1
-                                if self._pending >= self._max_requests:
-                                    self._update_reading()
-                            else:
-                                self._write_error(stream, ErrorCode.OVERLOADED,
-                                                  "too many requests wait for this read")
-                            return
+                if (opcode in _FAST and not flags & _UNMERGEABLE and len(body) > 13
+                        and self._join_planned(stream, opcode, body)):
+                    return
                 request = Request(stream, opcode, flags, body)
                 p = plan(request, self.role, self.keyspace, proxy.statements)
                 if type(p) is Merge:
@@ -588,6 +562,7 @@ class ClientConnection(asyncio.Protocol):
                         self._write_error(stream, ErrorCode.OVERLOADED,
                                           "too many requests wait for this read")
                     if flight is not None and flight is not _FULL and opcode in _FAST:
+                        # Remembered for `_join_planned`, keyed as it looks requests up.
                         fast = self._fast[opcode]
                         if len(fast) >= _FAST_ENTRIES:
                             fast.clear()
@@ -609,6 +584,32 @@ class ClientConnection(asyncio.Protocol):
             _log.exception("handling a request failed")
             self._write_error(stream, ErrorCode.SERVER_ERROR, f"sidecar error: {exc!r}")
             self.close()
+
+    def _join_planned(self, stream: int, opcode: int, body: bytes) -> bool:
+        """The herd's path: a body identical (but for its timestamp) to one this
+        connection planned and checked joins that flight without being read again.
+        False when there is no such flight to join (the request is then planned)."""
+        at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
+            4 + int.from_bytes(body[:4], "big", signed=True))
+        if 2 + at >= len(body):
+            return False
+        flight = self._fast[opcode].get(body[:-8] if body[at + 2] & _TIMESTAMP else body)
+        if flight is None:
+            return False
+        proxy = self._proxy
+        if not flight.joinable:
+            if flight.settled_seq < self._seq:
+                return False  # answered before this request was read: a new flight
+            proxy.stats.merged += 1
+            proxy.flights.stats.joined += 1
+            self._answer_now(stream, flight)
+            return True
+        proxy.stats.merged += 1
+        if proxy.flights.join_flight(flight, self, stream):
+            self._joined(flight)
+        else:
+            self._write_error(stream, ErrorCode.OVERLOADED, "too many requests wait for this read")
+        return True
 
     def _unexpected(self, stream: int, opcode: int) -> None:
         if self._state == _REFUSED:
@@ -675,17 +676,11 @@ class ClientConnection(asyncio.Protocol):
         proxy.stats.forwarded += 1
         pool = self._pool
         assert pool is not None
-        partition = partition_of(request, p.statement) if p.statement is not None else None
-        forward = _Forward(self, request.stream, request, p, pool, partition)
+        forward = _Forward(self, request.stream, request, p, pool,
+                           partition_of(request, p.statement))
         self._held += len(request.body)
-        if p.learn:
-            self._texts[forward] = cast(str, request.text)
         self._accepted()
         forward.start()
-
-    def request_text(self, forward: _Forward) -> str | None:
-        """The statement text of a PREPARE being forwarded (taken once)."""
-        return self._texts.pop(forward, None)
 
     async def _use(self, stream: int, keyspace: str) -> None:
         """Switch to the pool of (role, `keyspace`) once Scylla has accepted the keyspace."""
