@@ -175,6 +175,7 @@ class Flight(Exchange):
         if self.state == _DONE:
             return  # abandoned: a late answer nobody waits for
         flights = self.flights
+        current = self.joinable  # not forgotten by a write: its answer is still current
         flights._ended(self, outcome)
         waiters = self.waiters
         self.waiters = {}
@@ -183,7 +184,8 @@ class Flight(Exchange):
                 waiter.refuse(self, streams, outcome)
         else:
             answer = self.answer = Answer(outcome)
-            flights._settle(self)
+            if current:
+                flights._settle(self)
             for waiter, streams in waiters.items():
                 waiter.answer(self, streams, answer)
             if self.settled_seq < 0:
