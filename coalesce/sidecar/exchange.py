@@ -26,10 +26,12 @@ from coalesce.cql import (
     CUSTOM_PAYLOAD,
     TRACING,
     WARNING,
+    CQLProtocolError,
     ErrorCode,
     Frame,
     Opcode,
     Prepare,
+    split_extras,
 )
 from coalesce.sidecar.errors import UpstreamError, UpstreamLost
 from coalesce.sidecar.statements import KnownStatement
@@ -52,11 +54,9 @@ def error_code(frame: Frame) -> int | None:
         return None
     body = frame.body
     if frame.flags & _EXTRAS:
-        from coalesce.cql import split_extras
-
         try:
             body = split_extras(frame.flags, body, response=True)[1]
-        except Exception:
+        except CQLProtocolError:
             return None
     if len(body) < 4:
         return None

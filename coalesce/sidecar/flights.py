@@ -95,7 +95,7 @@ class Ingest(Protocol):
     """How far the sidecar has read from its clients (`Proxy`)."""
 
     @property
-    def seq(self) -> int:
+    def ingest_seq(self) -> int:
         """The number of the latest read from any client."""
 
     @property
@@ -368,7 +368,7 @@ class Flights:
         old = self._settled.pop(flight.key, None)
         if old is not None:
             self._unsettle(old)
-        flight.settled_seq = ingest.seq
+        flight.settled_seq = ingest.ingest_seq
         self._settled[flight.key] = flight
         self.freshness.track(flight.key, flight.table, flight.partition)
 

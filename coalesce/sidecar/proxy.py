@@ -19,6 +19,7 @@ Single event loop.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -86,17 +87,13 @@ class Proxy:
         self._idle = asyncio.Event()
         self._idle.set()
         self.partial_bytes = 0  # bytes of unfinished frames, all connections together
-        self.ingest_seq = 0  # reads from clients so far (the Ingest protocol's `seq`)
+        self.ingest_seq = 0  # reads from clients so far
         self._budget = INGEST_BUDGET
         self._refill_due = False
-        self._deferred: list[ClientConnection] = []
+        self._deferred: deque[ClientConnection] = deque()
         self.flights.ingest = self
 
     # -- the ingest budget ----------------------------------------------------------------
-
-    @property
-    def seq(self) -> int:
-        return self.ingest_seq
 
     @property
     def backlogged(self) -> bool:
@@ -121,7 +118,7 @@ class Proxy:
         self._budget = INGEST_BUDGET
         deferred = self._deferred
         while deferred and self._budget > 0:
-            client = deferred.pop(0)  # take_backlog queues it again if it has more
+            client = deferred.popleft()  # take_backlog queues it again if it has more
             self._budget -= client.take_backlog(self._budget)
         oldest = min((c.backlog_seq or 0 for c in deferred), default=None)
         self.flights.drop_settled(oldest)
