@@ -35,7 +35,7 @@ class _Pool:
 
 
 class _Ingest:
-    seq = 10
+    ingest_seq = 10
     backlogged = True  # some client still has requests read but not dispatched
 
 
