@@ -291,11 +291,10 @@ class Upstream:
         no token is computed when there is nothing to choose)."""
         if partition is None:
             return None, None
-        nodes = self.nodes
-        if len(nodes) == 1:
-            node: Node | None = nodes[0]
-            if node is None or node.sharding is None:
-                return node, None
+        if len(self.nodes) == 1:
+            node: Node | None = self.nodes[0]
+            if node is not None and node.sharding is None:
+                return node, None  # nothing to choose: no token computed
             token = token_of(partition)
         else:
             token = token_of(partition)
@@ -394,8 +393,9 @@ class Upstream:
         """A connection served by `shard` of `node`, through its shard-aware port.
 
         The local port decides the shard (``port % shards``); a port taken locally is
-        tried again with another. If the shard-aware port fails, the node is used through
-        its ordinary port from then on (connections of unknown shard).
+        tried again with another. If the shard-aware port fails while the ordinary port
+        answers, the node is used through its ordinary port from then on (connections of
+        unknown shard); if both fail, the node is down and nothing is given up.
         """
         sharding = node.sharding
         assert sharding is not None and sharding.port is not None
@@ -409,13 +409,15 @@ class Upstream:
                     continue
                 raise
             except UpstreamUnavailable:
-                node.sharding = replace(sharding, port=None)
-                _log.warning("%s: shard-aware port %d unusable; using the CQL port",
-                             node.name, sharding.port)
                 break
             conn.shard = shard
             return conn
-        return await self._connect_transport(node)
+        conn = await self._connect_transport(node)  # raises if the node itself is down
+        if node.sharding is sharding:  # the node answers, its shard-aware port does not
+            node.sharding = replace(sharding, port=None)
+            _log.warning("%s: shard-aware port %d unusable; using the CQL port",
+                         node.name, sharding.port)
+        return conn
 
     async def _connect_transport(
         self, node: Node, port: int | None = None, local_port: int | None = None

@@ -12,7 +12,7 @@ import pytest
 from coalesce.cql import TRACING, Consistency, Execute, Opcode, QueryParameters
 
 from .conftest import LoopStack, eventually
-from .cqlclient import RawClient, result_of
+from .cqlclient import CqlError, RawClient, result_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,4 +73,24 @@ async def test_a_node_that_does_not_advertise_shards_is_used_as_before(
     await _reads(client, query_id, range(50))
     assert _shard_connections(stack) == 0
     assert all(node.sharding is None for node in stack.sidecar.upstream.nodes)
+    await client.close()
+
+
+async def test_a_node_down_for_a_while_keeps_its_shard_aware_port(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, client, query_id = await _setup(loop_stack, shard_aware=True)
+    await eventually(lambda: _shard_connections(stack) >= SHARDS)
+    stack.emulator.stop()
+    await eventually(lambda: _shard_connections(stack) == 0)
+    with pytest.raises(CqlError):  # while it is down: connects to its shards fail
+        await _reads(client, query_id, range(1))
+    await stack.emulator.start()
+    await stack.sidecar.wait_upstream_reachable()
+    await eventually(lambda: _shard_connections(stack) >= SHARDS)
+    before = stack.emulator.wrong_shard_requests
+    await _reads(client, query_id, range(100))
+    assert stack.emulator.wrong_shard_requests - before == 0
+    assert all(node.sharding is not None and node.sharding.port is not None
+               for node in stack.sidecar.upstream.nodes)
     await client.close()
