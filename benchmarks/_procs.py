@@ -245,3 +245,14 @@ def metric_sum(port: int, name: str, labels: str = "") -> float | None:
             total += float(match.group(2))
             seen = True
     return total if seen else None
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of `pid` in KiB from /proc/<pid>/status; None once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _procs
 from _cqlconn import CqlConn, CqlReplyError, int32, setup_keyspace
-from soak import rss_kib
+from _procs import rss_kib
 
 from coalesce.cql import Opcode, Query, QueryParameters, Startup, encode_frame
 

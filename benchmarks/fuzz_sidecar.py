@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _procs
 from _cqlconn import CqlConn, CqlReplyError, int32, rows, setup_keyspace
+from _procs import rss_kib
 
 from coalesce.cql import (
     AuthResponse,
@@ -75,17 +76,6 @@ from coalesce.cql import (
 _HEADER = struct.Struct(">BBhBi")
 _KNOWN_VALUE = b"the-known-value"
 _UNSET = object()
-
-
-def rss_kib(pid: int) -> int | None:
-    """VmRSS of `pid` in KiB from /proc/<pid>/status; None once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def alive(pid: int) -> bool:

@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _procs
 from _cqlconn import CqlConn, CqlReplyError, int32, rows, setup_keyspace
+from _procs import rss_kib
 
 from coalesce.cql import Execute, Opcode, QueryParameters, Startup, encode_frame
 
@@ -71,16 +72,6 @@ _MAX_CLIENT_REQUESTS = 2048
 _PREPARED_CACHE_BYTES = 1024 * 1024
 _CLIENT_TIMEOUT = 15.0
 _SELECT = "SELECT v FROM soak.kv WHERE k = ?"  # above the sidecar's 12 s request timeout
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _value(key: int) -> bytes:
