@@ -9,17 +9,34 @@ client is served, and the sidecar holds no flight, request or connection for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
+import signal
 import socket
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from coalesce.cql import Opcode, Query, QueryParameters, Startup, encode_frame
+from coalesce.cql import (
+    AuthResponse,
+    Batch,
+    BatchStatement,
+    Error,
+    Opcode,
+    Prepare,
+    Query,
+    QueryParameters,
+    Register,
+    Startup,
+    encode_frame,
+)
 from coalesce.sidecar import Sidecar
 
-from .conftest import BOUND, LoopStack, eventually
+from .conftest import BOUND, LoopStack, eventually, sidecar_config
 from .cqlclient import RawClient, rows_of
 
 pytestmark = pytest.mark.timeout(90)
@@ -186,3 +203,143 @@ async def test_a_client_closed_for_a_bad_frame_while_its_answers_are_unsent_is_l
     await _all_clear(stack, admin, 1)
     hostile.close()
     await admin.close()
+
+
+# -- floods of setup-like requests, interleaved, pipelined on one connection ----------
+
+
+async def test_interleaved_floods_of_use_prepare_batch_register_options_leave_baseline_state(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, max_pools=8, pool_idle_timeout=0.3)
+    await admin.query(KEYSPACE.replace(" ks ", " ks2 "))
+    upstream = stack.sidecar.upstream
+    pools, connections = upstream.pool_count, dict(upstream.connections_by_node())
+    emulator_connections = stack.emulator.connection_count
+    hold = stack.emulator.hold_reads()
+    victim = admin.send_query(READ)
+    await eventually(lambda: len(hold) == 1)
+    flooder = await RawClient.connect("127.0.0.1", stack.sidecar.port)
+    register = Register(["SCHEMA_CHANGE", "TOPOLOGY_CHANGE"]).encode()
+    batch = Batch(0, [BatchStatement(True, bytes([i % 256]) * 16, [])
+                      for i in range(3)], 1).encode()
+    waits = []
+    for i in range(400):
+        waits.append(flooder.send_query("USE ks" if i % 2 else "USE ks2"))
+        waits.append(flooder.send_query(f"USE missing_{i}"))
+        waits.append(flooder.request(Opcode.PREPARE, Prepare(
+            f"SELECT v FROM ks.kv WHERE k = {i}").encode()))
+        waits.append(flooder.request(Opcode.BATCH, batch))
+        waits.append(flooder.request(Opcode.REGISTER, register))
+        waits.append(flooder.request(Opcode.OPTIONS, b""))
+    frames = await asyncio.wait_for(asyncio.gather(*waits), 60)
+    assert len(frames) == 2400
+    hold.release()
+    assert rows_of(await asyncio.wait_for(victim, BOUND)) == ONE_ROW
+    assert rows_of(await asyncio.wait_for(flooder.send_query(READ), BOUND)) == ONE_ROW
+    await flooder.close()
+    await eventually(lambda: upstream.pool_count == pools)  # the rest idled out
+    await eventually(lambda: stack.emulator.connection_count == emulator_connections)
+    assert upstream.connections_by_node() == connections
+    await _all_clear(stack, admin, 1)
+    await admin.close()
+
+
+# -- a frozen upstream (SIGSTOP) during a herd and during logins ------------------------
+
+
+@contextlib.asynccontextmanager
+async def _emulator_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """`coalesce emulator` in a process of its own on a free port, stopped on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coalesce", "emulator", "--listen", "127.0.0.1:0",
+        "--read-latency", "0", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        port = 0
+        async with asyncio.timeout(BOUND):
+            while not port:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "the emulator exited before listening"
+                found = re.search(r"listening on [\d.]+:(\d+)", line)
+                port = int(found.group(1)) if found else 0
+        yield proc, port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), BOUND)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _http_status(port: int | None, path: str) -> int:
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return int(data.split(b" ")[1])
+
+
+def _settled(sidecar: Sidecar) -> bool:
+    flights = sidecar.flights
+    return (not len(flights) and not flights.running and not flights.settled
+            and not sidecar.in_flight)
+
+
+CREDENTIALS = ("cassandra", "cassandra")
+
+
+async def test_a_frozen_upstream_fails_a_herd_and_logins_within_request_timeout_then_recovers(
+) -> None:
+    async with _emulator_process("--auth") as (proc, port):
+        settings = {"request_timeout": 0.5, "heartbeat_interval": 0.2,
+                    "heartbeat_timeout": 0.2, "connect_timeout": 0.3}
+        async with Sidecar(sidecar_config(("127.0.0.1", port), **settings)) as sidecar:
+            admin = await RawClient.connect("127.0.0.1", sidecar.port, credentials=CREDENTIALS)
+            await admin.query(KEYSPACE)
+            await admin.query("CREATE TABLE ks.kv (k int PRIMARY KEY, v text)")
+            await admin.query("INSERT INTO ks.kv (k, v) VALUES (1, 'one')")
+            clients = [await RawClient.connect("127.0.0.1", sidecar.port,
+                                               credentials=CREDENTIALS) for _ in range(4)]
+            # Logged in before the freeze, waiting for their AUTHENTICATE reply to answer.
+            logins = [await RawClient.connect("127.0.0.1", sidecar.port, startup=False)
+                      for _ in range(6)]
+            for login in logins:
+                assert (await login.request(Opcode.STARTUP, STARTUP)).opcode == \
+                    Opcode.AUTHENTICATE
+            os.kill(proc.pid, signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            frozen = loop.time()
+            herd = [c.send_query(READ) for c in clients for _ in range(25)]
+            token = AuthResponse(b"\x00cassandra\x00cassandra").encode()
+            auths = [login.request(Opcode.AUTH_RESPONSE, token) for login in logins]
+            done = await asyncio.wait_for(
+                asyncio.gather(*herd, *auths, return_exceptions=True), BOUND)
+            took = loop.time() - frozen
+            assert took < 3 * 0.5 + 1.0, f"requests hung {took:.2f}s with request_timeout 0.5s"
+            assert all(f.opcode == Opcode.ERROR for f in done if not isinstance(f, Exception)), \
+                [f for f in done if not isinstance(f, Exception) and f.opcode != Opcode.ERROR]
+            codes = {Error.decode(f.body).code for f in done if not isinstance(f, Exception)}
+            await eventually(lambda: _settled(sidecar))
+            async with asyncio.timeout(BOUND):
+                while await _http_status(sidecar.metrics_port, "/readyz") != 503:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+
+            os.kill(proc.pid, signal.SIGCONT)
+            async with asyncio.timeout(BOUND):
+                while await _http_status(sidecar.metrics_port, "/readyz") != 200:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            honest = await RawClient.connect("127.0.0.1", sidecar.port, credentials=CREDENTIALS)
+            assert rows_of(await asyncio.wait_for(honest.send_query(READ), BOUND)) == ONE_ROW
+            for client in clients:
+                assert rows_of(await asyncio.wait_for(client.send_query(READ), BOUND)) == ONE_ROW
+            await eventually(lambda: _settled(sidecar))
+            assert codes, codes
+            for client in [admin, honest, *clients, *logins]:
+                await client.close()
