@@ -9,6 +9,7 @@ client is served, and the sidecar holds no flight, request or connection for it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -167,17 +168,17 @@ async def test_a_client_hanging_up_with_frames_in_the_ingest_backlog_leaves_noth
 # -- a client that reads just enough to be let in again, then never reads -------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClientConnection.close() (used by _fatal, _reject_version, refusals) calls "
+_LINGERS = (
+    "ClientConnection.close() (used by _fatal, _reject_version, refusals, stop) calls "
     "transport.close(), which waits for unsent answers to drain; a client that never "
     "reads them keeps the connection (its slot under max_connections, its buffers, its "
     "pool reference) forever: connection_lost never runs and _check_timers returns "
-    "early once _closed is set, so neither idle_timeout nor handshake_timeout reaps it"))
-async def test_a_client_closed_for_a_bad_frame_while_its_answers_are_unsent_is_let_go(
-    loop_stack: Callable[..., Any],
-) -> None:
-    stack, admin = await _setup(loop_stack, max_client_buffer=64 * 1024,
-                                handshake_timeout=0.5, idle_timeout=None)
+    "early once _closed is set, so neither idle_timeout nor handshake_timeout reaps it")
+
+
+async def _closed_with_answers_unsent(stack: LoopStack, admin: RawClient) -> tuple[Any, _Socket]:
+    """A client the sidecar closed (a fatal frame) while answers to it are still unsent,
+    and which then never reads again: its connection, and its socket."""
     await admin.query(f"INSERT INTO ks.kv (k, v) VALUES (7, '{'b' * 100_000}')")
     hostile = await _Socket.open(stack.sidecar.port)
     await hostile.handshake()
@@ -197,11 +198,99 @@ async def test_a_client_closed_for_a_bad_frame_while_its_answers_are_unsent_is_l
         while not conn.closed:
             await hostile.read_some(4096)
     assert conn._transport.get_write_buffer_size() > 0  # answers left that nobody reads
+    return conn, hostile
+
+
+@pytest.mark.xfail(strict=True, reason=_LINGERS)
+async def test_a_client_closed_for_a_bad_frame_while_its_answers_are_unsent_is_let_go(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, max_client_buffer=64 * 1024,
+                                handshake_timeout=0.5, idle_timeout=None)
+    conn, hostile = await _closed_with_answers_unsent(stack, admin)
     # Closed by the sidecar, it must be let go within a deadline (any of them), not kept
     # for as long as the client chooses not to read.
     await eventually(lambda: conn not in stack.sidecar._clients)
     await _all_clear(stack, admin, 1)
     hostile.close()
+    await admin.close()
+
+
+@pytest.mark.xfail(strict=True, reason=_LINGERS)
+async def test_a_closed_client_that_never_reads_does_not_keep_its_max_connections_slot(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, max_client_buffer=64 * 1024, max_connections=2,
+                                handshake_timeout=0.5, idle_timeout=None)
+    conn, hostile = await _closed_with_answers_unsent(stack, admin)
+    deadline = asyncio.get_running_loop().time() + 2.0  # 4 handshake timeouts
+    await eventually(lambda: asyncio.get_running_loop().time() >= deadline
+                     or conn not in stack.sidecar._clients)
+    # An honest client may connect: the hostile one was closed seconds ago.
+    honest = await RawClient.connect("127.0.0.1", stack.sidecar.port)
+    assert rows_of(await asyncio.wait_for(honest.send_query(READ), BOUND)) == ONE_ROW
+    await honest.close()
+    hostile.close()
+    await admin.close()
+
+
+# -- a client that never reads, joining herds, with LZ4 ---------------------------------
+
+
+STARTUP_LZ4 = Startup({"CQL_VERSION": "3.0.0", "COMPRESSION": "lz4"}).encode()
+
+
+async def test_a_deaf_lz4_client_joining_herds_is_held_to_its_bounds_and_costs_no_one_else(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack, admin = await _setup(loop_stack, max_client_requests=64,
+                                max_client_buffer=64 * 1024)
+    noise = base64.b64encode(os.urandom(1500)).decode()  # LZ4 cannot shrink it much
+    await admin.query(f"INSERT INTO ks.kv (k, v) VALUES (2, '{noise}')")
+    herd_read = "SELECT k, v FROM ks.kv WHERE k = 2"
+    hostile = await _Socket.open(stack.sidecar.port)
+    await hostile.send(encode_frame(Opcode.STARTUP, STARTUP_LZ4, stream=0))
+    got = b""
+    async with asyncio.timeout(BOUND):
+        while len(got) < 9:
+            got += await hostile.read_some(9 - len(got))
+    assert got[4] == Opcode.READY
+    conn = _connection(stack.sidecar, hostile.port)
+    hold = stack.emulator.hold_reads()
+    others = [await RawClient.connect("127.0.0.1", stack.sidecar.port, lz4=True)
+              for _ in range(3)]
+    body = Query(herd_read, QueryParameters(1)).encode()
+    frames = b"".join(encode_frame(Opcode.QUERY, body, stream=i % 32768, compress=True)
+                      for i in range(5000))
+    peaks = {"pending": 0, "unsent": 0}
+    loop = asyncio.get_running_loop()
+    watching = True
+
+    def watch() -> None:
+        transport = conn._transport
+        peaks["pending"] = max(peaks["pending"], conn.pending)
+        if transport is not None:
+            peaks["unsent"] = max(peaks["unsent"], transport.get_write_buffer_size())
+        if watching:
+            loop.call_soon(watch)
+
+    watch()
+    await hostile.send(frames)
+    await eventually(lambda: conn.pending == 64)
+    herd = [c.send_query(herd_read) for c in others for _ in range(20)]
+    await eventually(lambda: len(hold) >= 1)
+    hold.release()
+    for answer in herd:
+        assert rows_of(await asyncio.wait_for(answer, BOUND))[0][1] == noise.encode()
+    await eventually(lambda: conn._write_paused and not conn._reading)
+    assert rows_of(await asyncio.wait_for(admin.send_query(READ), BOUND)) == ONE_ROW
+    watching = False
+    assert peaks["pending"] <= 64, peaks
+    assert peaks["unsent"] <= 4 * 64 * 1024 + 64 * 2100, peaks
+    hostile.close()
+    for other in others:
+        await other.close()
+    await _all_clear(stack, admin, 1)
     await admin.close()
 
 
