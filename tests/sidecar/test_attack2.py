@@ -48,6 +48,7 @@ KEYSPACE = (
 READ = "SELECT k, v FROM ks.kv WHERE k = 1"
 ONE_ROW = [[b"\x00\x00\x00\x01", b"one"]]
 STARTUP = Startup({"CQL_VERSION": "3.0.0"}).encode()
+CREDENTIALS = ("cassandra", "cassandra")
 BIG_READ = "SELECT k, v FROM ks.kv WHERE k = 7"
 # A request frame with the response bit set: decoded whole, refused at dispatch (fatal).
 RESPONSE_BIT = bytes([0x84, 0, 0, 99, Opcode.OPTIONS, 0, 0, 0, 0])
@@ -433,6 +434,46 @@ async def test_two_uses_pipelined_leave_the_client_in_the_keyspace_it_named_last
     await admin.close()
 
 
+# -- max_logins saturated by failing logins ---------------------------------------------
+
+
+async def test_honest_logins_get_through_while_strangers_keep_every_login_slot_busy(
+    loop_stack: Callable[..., Any],
+) -> None:
+    stack: LoopStack = await loop_stack(emulator={"auth": True}, max_logins=2,
+                                        handshake_timeout=5.0)
+    wrong = AuthResponse(b"\x00cassandra\x00wrong").encode()
+    stop = asyncio.Event()
+    attempts = 0
+
+    async def stranger() -> None:
+        nonlocal attempts
+        wire = await RawClient.connect("127.0.0.1", stack.sidecar.port, startup=False)
+        while not stop.is_set():
+            if (await wire.request(Opcode.STARTUP, STARTUP)).opcode != Opcode.AUTHENTICATE:
+                break
+            await wire.request(Opcode.AUTH_RESPONSE, wrong)  # BAD_CREDENTIALS; again
+            attempts += 1
+        await wire.close()
+
+    strangers = [asyncio.create_task(stranger()) for _ in range(40)]
+    await eventually(lambda: attempts >= 200)
+    loop = asyncio.get_running_loop()
+    took = []
+    for _ in range(5):
+        started = loop.time()
+        honest = await asyncio.wait_for(RawClient.connect(
+            "127.0.0.1", stack.sidecar.port, credentials=CREDENTIALS), BOUND)
+        took.append(loop.time() - started)
+        assert rows_of(await asyncio.wait_for(
+            honest.send_query("SELECT key FROM system.local"), BOUND))
+        await honest.close()
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*strangers), BOUND)
+    assert max(took) < 2.0, took
+    await eventually(lambda: _settled(stack.sidecar))
+
+
 # -- a frozen upstream (SIGSTOP) during a herd and during logins ------------------------
 
 
@@ -480,7 +521,6 @@ def _settled(sidecar: Sidecar) -> bool:
             and not sidecar.in_flight)
 
 
-CREDENTIALS = ("cassandra", "cassandra")
 
 
 async def test_a_frozen_upstream_fails_a_herd_and_logins_within_request_timeout_then_recovers(
