@@ -96,8 +96,10 @@ _EXECUTE: Final = int(Opcode.EXECUTE)
 _QUERY: Final = int(Opcode.QUERY)
 _FAST: Final = frozenset({_EXECUTE, _QUERY})
 _FAST_ENTRIES: Final = 64
+_FAST_BODY: Final = 4096  # herds repeat small requests; a large body is not remembered
 _NOT_READING: Final = ("this connection does not read its answers: the sidecar holds no more "
                        "of them")
+_CLOSE_GRACE: Final = 5.0  # seconds a closed client has to take what is left for it
 _MAX_SETUP_FRAME: Final = 64 * 1024  # before the client is ready (SASL tokens included)
 _MAX_PARTIAL_TOTAL: Final = 256 * 1024 * 1024  # unfinished frames, all clients together
 _EXTRAS: Final = WARNING | TRACING | CUSTOM_PAYLOAD
@@ -200,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
         self._state = _REFUSED if refused else _NEW
         self._lz4 = False
         self._closed = False
+        self._lost = False  # connection_lost ran
+        self._last_use: asyncio.Task[None] | None = None  # USEs run in the order read
         self._login: LoginRelay | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flights: set[Flight] = set()
@@ -245,6 +249,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._lost = True
         proxy = self._proxy
         proxy.stats.client_connections -= 1
         proxy.listeners.discard(self)
@@ -313,10 +318,10 @@ class ClientConnection(asyncio.Protocol):
         """Account for the bytes of an unfinished frame; True if that closed us.
 
         A frame must arrive whole within ``handshake_timeout`` of its first bytes, and
-        all connections together hold at most `_MAX_PARTIAL_TOTAL` bytes of unfinished
-        frames (a connection holding more than 1 MiB of one past that is closed): a
-        client that stops in the middle of a large frame cannot pin memory for long,
-        nor many such clients much of it.
+        past `_MAX_PARTIAL_TOTAL` bytes of unfinished frames in all, a connection holding
+        64 KiB or more of one is closed (so the total stays under the cap plus 64 KiB a
+        connection): a client that stops in the middle of a large frame cannot pin
+        memory for long, nor many such clients much of it.
         """
         proxy = self._proxy
         buffered = self._decoder.buffered
@@ -327,7 +332,10 @@ class ClientConnection(asyncio.Protocol):
             self._partial_epoch += 1
             asyncio.get_running_loop().call_later(
                 proxy.config.handshake_timeout, self._partial_expired, self._partial_epoch)
-        if proxy.partial_bytes > _MAX_PARTIAL_TOTAL and buffered > 1024 * 1024:
+        if proxy.partial_bytes > _MAX_PARTIAL_TOTAL and buffered >= _MAX_SETUP_FRAME:
+            proxy.partial_bytes -= buffered  # let go of it now, not when the close ends
+            self._partial = 0
+            self._decoder = FrameDecoder(max_body=self._decoder.max_body)
             self._write_error(0, ErrorCode.OVERLOADED,
                               "the sidecar holds too many unfinished frames; send it again")
             self.close()
@@ -351,12 +359,25 @@ class ClientConnection(asyncio.Protocol):
         return self._pending
 
     def close(self) -> None:
-        """Close the connection (answers already written are flushed first)."""
+        """Close the connection (answers already written are flushed first).
+
+        A client that does not read what is left to flush is cut off after a grace
+        period (``min(handshake_timeout, 5 s)``): a closed connection must not keep its
+        descriptor and its `max_connections` slot for as long as the client likes.
+        """
         if self._transport is not None and not self._closed:
             self._closed = True
             assert self._out is not None
             self._out.flush()
             self._transport.close()
+            grace = min(self._proxy.config.handshake_timeout, _CLOSE_GRACE)
+            asyncio.get_running_loop().call_later(grace, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent answers with it."""
+        if self._transport is not None and not self._lost:
+            self._closed = True
+            self._transport.abort()
 
     def send_event(self, body: bytes) -> None:
         """Push an EVENT frame (stream -1) to this client."""
@@ -561,7 +582,8 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         self._write_error(stream, ErrorCode.OVERLOADED,
                                           "too many requests wait for this read")
-                    if flight is not None and flight is not _FULL and opcode in _FAST:
+                    if (flight is not None and flight is not _FULL and opcode in _FAST
+                            and len(body) <= _FAST_BODY):
                         # Remembered for `_join_planned`, keyed as it looks requests up.
                         fast = self._fast[opcode]
                         if len(fast) >= _FAST_ENTRIES:
@@ -642,7 +664,7 @@ class ClientConnection(asyncio.Protocol):
         elif type(p) is Use:
             proxy.stats.local += 1
             self._accepted()
-            self._spawn(self._use(request.stream, p.keyspace))
+            self._last_use = self._spawn(self._use(request.stream, p.keyspace, self._last_use))
         else:
             assert type(p) is Unprepared
             proxy.stats.local += 1
@@ -682,24 +704,40 @@ class ClientConnection(asyncio.Protocol):
         self._accepted()
         forward.start()
 
-    async def _use(self, stream: int, keyspace: str) -> None:
-        """Switch to the pool of (role, `keyspace`) once Scylla has accepted the keyspace."""
+    async def _use(
+        self, stream: int, keyspace: str, previous: asyncio.Task[None] | None
+    ) -> None:
+        """Switch to the pool of (role, `keyspace`) once Scylla has accepted the keyspace.
+
+        USEs take effect, and are answered, in the order they were read: a pipelined
+        second USE whose pool is already open waits for the first.
+        """
         upstream = self._proxy.upstream
         read_at = self.read_at
+        pool: Pool | None = None
+        failure: UpstreamError | None = None
         try:
-            pool = upstream.pool(self.role, keyspace)
             try:
+                pool = upstream.pool(self.role, keyspace)
                 await pool.acquire()
-            except BaseException:
+            except UpstreamError as exc:
+                failure = exc
+            if previous is not None:
+                await asyncio.wait([previous])
+        except BaseException:
+            if pool is not None:
                 upstream.release(pool)
-                raise
-        except UpstreamError as exc:
-            self._write_failure(stream, exc)
-            return
+            raise
         finally:
             self._answered(1)
             stats = self._proxy.stats
             stats.latency["local"].observe(self._proxy.loop_time() - read_at)
+        if failure is not None:
+            if pool is not None:
+                upstream.release(pool)
+            self._write_failure(stream, failure)
+            return
+        assert pool is not None
         if self._closed:
             upstream.release(pool)
             return
@@ -842,10 +880,11 @@ class ClientConnection(asyncio.Protocol):
             self._out.put(unsupported_version_reply(version, stream))
         self.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def _unprepared_body(query_id: bytes) -> bytes:

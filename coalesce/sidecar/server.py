@@ -199,7 +199,7 @@ class Sidecar:
         if self._server is not None:
             self._server.close()
         for client in list(self._clients):
-            client.close()
+            client.close()  # flushed; a client that reads nothing is cut off after a grace
         if self._upstream is not None:
             await self._upstream.close()
         if self._metrics is not None:

@@ -202,7 +202,6 @@ async def _closed_with_answers_unsent(stack: LoopStack, admin: RawClient) -> tup
     return conn, hostile
 
 
-@pytest.mark.xfail(strict=True, reason=_LINGERS)
 async def test_a_client_closed_for_a_bad_frame_while_its_answers_are_unsent_is_let_go(
     loop_stack: Callable[..., Any],
 ) -> None:
@@ -217,7 +216,6 @@ async def test_a_client_closed_for_a_bad_frame_while_its_answers_are_unsent_is_l
     await admin.close()
 
 
-@pytest.mark.xfail(strict=True, reason=_LINGERS)
 async def test_a_closed_client_that_never_reads_does_not_keep_its_max_connections_slot(
     loop_stack: Callable[..., Any],
 ) -> None:
@@ -238,13 +236,6 @@ async def test_a_closed_client_that_never_reads_does_not_keep_its_max_connection
 # -- the memo of joined bodies after its flights are over --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClientConnection._fast (the herd memo: up to 64 entries per opcode) keeps each "
-    "planned read's body as its key (a copy, body[:-8], when it carries a timestamp) and "
-    "the Flight, whose .body is the whole request, after the flight has finished and "
-    "_held has been given back: what a client has the sidecar hold is no longer bounded "
-    "by max_client_buffer but by 128 x 2 x max_frame_size (4 GiB at the defaults), "
-    "with LZ4 for a few KiB on the wire per body"))
 async def test_bodies_of_finished_reads_are_not_kept_past_the_clients_buffer_bound(
     loop_stack: Callable[..., Any],
 ) -> None:
@@ -268,12 +259,6 @@ async def test_bodies_of_finished_reads_are_not_kept_past_the_clients_buffer_bou
 # -- half frames from many ready clients ------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClientConnection._track_partial promises that all connections together hold at most "
-    "_MAX_PARTIAL_TOTAL (256 MiB) of unfinished frames, but only closes a connection "
-    "holding more than 1 MiB of one: connections each holding just under 1 MiB are never "
-    "closed by the cap (only by handshake_timeout, 10 s by default), so N of them hold "
-    "N MiB -- max_connections MiB in all"))
 async def test_many_half_frames_of_just_under_a_mebibyte_stay_within_the_total_cap(
     loop_stack: Callable[..., Any],
 ) -> None:
@@ -407,11 +392,6 @@ async def test_interleaved_floods_of_use_prepare_batch_register_options_leave_ba
 # -- two USEs pipelined: the last one read is the one that holds ------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClientConnection._use runs each USE as its own task and switches the pool when "
-    "that task's pool.acquire() returns: a USE whose pool must be opened finishes after "
-    "a later USE whose pool is open, and overwrites it; the client ends in the keyspace "
-    "it named first (its own reads only: no other client is affected)"))
 async def test_two_uses_pipelined_leave_the_client_in_the_keyspace_it_named_last(
     loop_stack: Callable[..., Any],
 ) -> None:
