@@ -30,6 +30,7 @@ from coalesce.cql import (
     decompress_body,
     encode_frame,
 )
+from coalesce.sidecar import connection
 
 from .conftest import BOUND, LoopStack, eventually
 from .cqlclient import RawClient, result_of, rows_of
@@ -344,22 +345,27 @@ async def test_a_client_hanging_up_mid_answer_leaves_the_others_their_whole_answ
 
 
 async def test_more_reads_in_flight_than_one_upstream_connection_has_streams_fail_no_one(
-    loop_stack: Callable[..., Any],
+    loop_stack: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # An upstream connection with 512 stream ids instead of 32,768: the same exhaustion,
+    # reached with 64 times fewer requests.
+    streams = 512
+    monkeypatch.setattr(connection, "_MAX_STREAMS", streams)
     stack, admin = await _setup(loop_stack, connections_per_node=1,
-                                max_client_requests=32768)
+                                max_client_requests=streams)
     hold = stack.emulator.hold_reads()
     hogs = [await Wire.open(stack.sidecar.port) for _ in range(2)]
+    half = streams // 2
     for n, hog in enumerate(hogs):
         hog.writer.write(b"".join(
             encode_frame(Opcode.QUERY, Query(
-                f"SELECT k, v FROM ks.kv WHERE k = 1 LIMIT {n * 16384 + i + 1}",
+                f"SELECT k, v FROM ks.kv WHERE k = 1 LIMIT {n * half + i + 1}",
                 QueryParameters(1)).encode(), stream=i)
-            for i in range(16384)))
-    await eventually(lambda: len(hold) >= 32767, timeout=60)
+            for i in range(half)))
+    await eventually(lambda: len(hold) >= streams - 1)
     victim = await RawClient.connect("127.0.0.1", stack.sidecar.port)
     waiter = victim.send_query("SELECT k, v FROM ks.kv WHERE k = 1 LIMIT 999999")
-    await eventually(lambda: waiter.done() or len(hold) == 32768 + 1)
+    await eventually(lambda: waiter.done() or len(hold) == streams + 1)
     hold.release()
     for hog in hogs:
         hog.close()
