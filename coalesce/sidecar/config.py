@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from coalesce import _units
 from coalesce.sidecar.errors import ConfigError
@@ -270,12 +270,53 @@ def _check_advertise(value: Any) -> str | None:
 # host and the port are read from it by `advertised_address` and `advertised_port`.
 _ADVERTISE = _optional(_Kind(_parse_advertise, str, "HOST[:PORT]", _check_advertise),
                        "the listen address")
+def _parse_float(raw: Any) -> float:
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"expected a number, got {raw!r}")
+
+
+def _check_float(value: Any) -> str | None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    return None
+
+
+MEMBERSHIP_SCHEMES: Final = ("dns", "etcd")
+
+
+def _parse_membership(raw: Any) -> str:
+    text = _parse_text(raw)
+    problem = _check_membership(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+def _check_membership(value: Any) -> str | None:
+    problem = _check_text(value)
+    if problem is not None:
+        return problem
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in MEMBERSHIP_SCHEMES or not rest.split("/")[0]:
+        return f"expected dns://NAME[:PORT] or etcd://HOST:PORT[/PREFIX], got {value!r}"
+    return None
+
+
 _INT = _Kind(_parse_int, lambda v: f"{v:_}" if v >= 10_000 else str(v), "N", _check_int)
 _SECONDS = _Kind(_parse_seconds, _show_seconds, "DURATION", _check_seconds)
 _SIZE = _Kind(_parse_size, _show_size, "SIZE", _check_int)
 _BOOL = _Kind(_parse_bool, lambda v: "on" if v else "off", "", _check_bool)
 _TEXT = _optional(_Kind(_parse_text, str, "TEXT", _check_text), "")
 _FILE = _optional(_Kind(_parse_file, str, "FILE", _check_file), "none")
+_FLOAT = _Kind(_parse_float, lambda v: f"{v:g}", "X", _check_float)
+_PEERS = _optional(_ADDRESSES, "none")
+_MEMBERSHIP = _optional(_Kind(_parse_membership, str, "URL", _check_membership), "none")
 
 
 # -- one setting -------------------------------------------------------------------------
@@ -487,6 +528,35 @@ class SidecarConfig:
         default=True,
         metadata=_spec(_BOOL, "verify Scylla's certificate (--no-upstream-verify: testing "
                               "only)"))
+    peers: tuple[Address, ...] | None = field(
+        default=None,
+        metadata=_spec(_PEERS, "advertised addresses of every sidecar of the ring, this one "
+                               "among them"))
+    membership: str | None = field(
+        default=None,
+        metadata=_spec(_MEMBERSHIP, "ring members from dns://NAME[:PORT] or "
+                                    "etcd://HOST:PORT[/PREFIX]"))
+    lease_ttl: float = field(
+        default=3.0,
+        metadata=_spec(_SECONDS, "etcd membership: a member that stops renewing its lease "
+                                 "leaves the ring after this", low=1.0))
+    membership_interval: float = field(
+        default=1.0,
+        metadata=_spec(_SECONDS, "dns membership: how often the name is resolved again",
+                       **_POSITIVE))
+    vnodes: int = field(
+        default=256,
+        metadata=_spec(_INT, "ring positions (tokens) per sidecar; the same on every member",
+                       low=1, high=4096))
+    load_factor: float | None = field(
+        default=None,
+        metadata=_spec(_optional(_FLOAT, "off"),
+                       "bounded loads: serve a read here rather than send it to an owner "
+                       "past this times the mean load", above=1.0))
+    peer_timeout: float = field(
+        default=1.0,
+        metadata=_spec(_SECONDS, "connecting to a ring member: past this, reads are served "
+                                 "here", **_POSITIVE))
     uvloop: bool = field(default=False, metadata=_spec(_BOOL, "run on uvloop"))
     gc_freeze: bool = field(
         default=True,
@@ -510,6 +580,8 @@ class SidecarConfig:
             raise ConfigError("reconnect_max_delay must be >= reconnect_delay")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.peers is not None and self.membership is not None:
+            raise ConfigError("peers and membership are two ways to name the ring: give one")
 
     @property
     def advertised_address(self) -> str:
