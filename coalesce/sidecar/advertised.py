@@ -1,24 +1,28 @@
 """What the sidecar tells drivers about the cluster.
 
 Drivers discover nodes from ``system.local`` and ``system.peers``. To keep them talking
-to the sidecar only, its answers describe the sidecar: ``system.local`` is Scylla's row
-with the addresses, host id, tokens (and, when configured, data center and rack)
-replaced by the sidecar's, and the peers tables come back empty. The schema version
-stays Scylla's, so schema agreement checks still work.
+to sidecars only, the answers describe sidecars: ``system.local`` is Scylla's row with
+the addresses, host id, tokens (and, when configured, data center and rack) replaced by
+this sidecar's, and the peers tables list the other members of the sidecar ring (none
+without a ring), one row each with its address, host id and tokens, and every other
+column (data center, rack, schema and release version...) as Scylla's own
+``system.local`` last said. The schema version stays Scylla's, so schema agreement
+checks still work.
 
-Which tokens the sidecar advertises is decided in one place, `advertised_tokens`: one
-sidecar owns the whole ring for now; a ring of sidecars would each return their share
-there. A column is only replaced when it has the type the system table gives it, so a
-projection that renames columns (``SELECT host_id AS tokens ...``) comes back as
-Scylla sent it instead of failing.
+A lone sidecar advertises every token of the upstream ring (`advertised_tokens`), so it
+owns everything; a member of a ring advertises its own ring positions. A column is only
+replaced when it has the type the system table gives it, so a projection that renames
+columns (``SELECT host_id AS tokens ...``) comes back as Scylla sent it instead of
+failing. The peers tables' rows are every other member whatever the query's WHERE
+clause says (drivers read the whole table).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from coalesce.cql import (
     ColumnSpec,
@@ -29,14 +33,22 @@ from coalesce.cql import (
 )
 from coalesce.sidecar.ring import Ring
 
+if TYPE_CHECKING:
+    from coalesce.sidecar.members import Member
+
 __all__ = [
     "CLUSTER_TABLES",
     "Identity",
     "advertised_tokens",
-    "empty_rows",
     "host_id_for",
+    "peer_rows",
     "rewrite_local",
 ]
+
+Cells = MutableMapping[str, tuple[str, bytes]]
+"""Column name to (CQL type, serialized cell) of Scylla's latest ``system.local`` row."""
+Tokens = Callable[[frozenset[str]], frozenset[str]]
+"""The tokens to advertise, given those of the row being rewritten."""
 
 CLUSTER_TABLES: Final = frozenset({"local", "peers", "peers_v2"})
 """Tables of the ``system`` keyspace the sidecar answers about itself."""
@@ -45,8 +57,11 @@ _NAMESPACE: Final = uuid.UUID("6f1c3f3e-9a55-4c6e-9f1e-2b1d6c0a5e11")
 _ADDRESS_COLUMNS: Final = ("rpc_address", "broadcast_address", "listen_address",
                            "native_address", "preferred_ip")
 _PORT_COLUMNS: Final = ("rpc_port", "native_port")
+_PEER_ADDRESS_COLUMNS: Final = ("peer", "rpc_address", "native_address", "preferred_ip")
+_PEER_PORT_COLUMNS: Final = ("peer_port", "native_port", "preferred_port")
 _COLUMN_TYPES: Final = {
-    **dict.fromkeys(_ADDRESS_COLUMNS, "inet"), **dict.fromkeys(_PORT_COLUMNS, "int"),
+    **dict.fromkeys(_ADDRESS_COLUMNS + _PEER_ADDRESS_COLUMNS, "inet"),
+    **dict.fromkeys(_PORT_COLUMNS + _PEER_PORT_COLUMNS, "int"),
     "host_id": "uuid", "data_center": "text", "rack": "text", "tokens": "set<text>",
 }
 
@@ -86,16 +101,18 @@ def advertised_tokens(ring: Ring, seen: Iterable[str] = ()) -> frozenset[str]:
 def rewrite_local(
     body: bytes,
     identity: Identity,
-    ring: Ring,
+    tokens: Tokens,
     columns: Sequence[ColumnSpec] = (),
+    cluster: Cells | None = None,
 ) -> bytes:
     """A ``system.local`` ROWS body describing the sidecar instead of the Scylla node.
 
     Only columns present in the result are touched, so any projection works. When the
     rows came without metadata (the client asked to skip it), `columns` must give the
     result's columns (from the prepared statement); without them the body is
-    returned unchanged. Bodies that are not ROWS results are returned unchanged.
-    Raises `CQLProtocolError` if the body is malformed.
+    returned unchanged. `tokens` says which tokens to advertise; Scylla's cells are
+    recorded in `cluster` first (for `peer_rows`). Bodies that are not ROWS results are
+    returned unchanged. Raises `CQLProtocolError` if the body is malformed.
     """
     result = decode_result(body)
     if not isinstance(result, ResultRows):
@@ -103,6 +120,10 @@ def rewrite_local(
     specs = list(result.metadata.columns) or list(columns)
     if len(specs) != result.metadata.column_count:
         return body
+    if cluster is not None and result.rows:
+        for spec, cell in zip(specs, result.rows[0], strict=True):
+            if cell is not None:
+                cluster[spec.name] = (spec.type.cql_name, cell)
     replacements: dict[str, Any] = {"host_id": identity.host_id}
     for name in _ADDRESS_COLUMNS:
         replacements[name] = identity.address
@@ -132,22 +153,56 @@ def rewrite_local(
             cell = row[tokens_at]
             if cell is not None:
                 seen = frozenset(str(t) for t in specs[tokens_at].type.deserialize(cell))
-            row[tokens_at] = _serialize(specs[tokens_at], advertised_tokens(ring, seen))
+            row[tokens_at] = _serialize(specs[tokens_at], tokens(seen))
     return result.encode()
 
 
-def empty_rows(body: bytes) -> bytes:
-    """The same ROWS result with no rows (and no further pages): the peers tables.
+def peer_rows(
+    body: bytes,
+    members: Iterable[Member],
+    identity: Identity,
+    columns: Sequence[ColumnSpec] = (),
+    cluster: Cells | None = None,
+) -> bytes:
+    """A ``system.peers`` or ``system.peers_v2`` ROWS body: one row per member.
 
-    Bodies that are not ROWS results are returned unchanged.
+    Each row has the member's address, port, host id and tokens; data center and rack
+    are `identity`'s when configured; every other column is what `cluster` holds for
+    it (Scylla's own ``system.local``), else null. Bodies that are not ROWS results
+    are returned unchanged. `columns` as for `rewrite_local`.
     """
     result = decode_result(body)
     if not isinstance(result, ResultRows):
         return body
     meta = result.metadata
-    return ResultRows(
-        RowsMetadata(meta.columns, None, meta.no_metadata, meta.column_count), []
-    ).encode()
+    specs = list(meta.columns) or list(columns)
+    if len(specs) != meta.column_count:
+        return body
+    known = cluster or {}
+    rows: list[list[bytes | None]] = []
+    for member in members:
+        values: dict[str, Any] = {"host_id": member.host_id,
+                                  "tokens": frozenset(str(t) for t in member.tokens)}
+        for name in _PEER_ADDRESS_COLUMNS:
+            values[name] = member.host
+        for name in _PEER_PORT_COLUMNS:
+            values[name] = member.port
+        if identity.data_center is not None:
+            values["data_center"] = identity.data_center
+        if identity.rack is not None:
+            values["rack"] = identity.rack
+        row: list[bytes | None] = []
+        for spec in specs:
+            name, cql_type = spec.name, spec.type.cql_name
+            if name in values and cql_type == _COLUMN_TYPES.get(name):
+                row.append(_serialize(spec, values[name]))
+            elif name in known and known[name][0] == cql_type:
+                row.append(known[name][1])
+            else:
+                row.append(None)
+        rows.append(row)
+    return ResultRows(RowsMetadata(meta.columns, None, meta.no_metadata, meta.column_count),
+                      rows).encode()
 
 
 def _serialize(spec: ColumnSpec, value: Any) -> bytes:

@@ -70,7 +70,8 @@ from coalesce.cql import (
 )
 from coalesce.cql import Unprepared as UnpreparedDetails
 from coalesce.cql.request import Request
-from coalesce.sidecar.advertised import empty_rows, rewrite_local
+from coalesce.cql.token import murmur3_token
+from coalesce.sidecar.advertised import peer_rows, rewrite_local
 from coalesce.sidecar.connection import Outcome
 from coalesce.sidecar.errors import UpstreamError, UpstreamRefused
 from coalesce.sidecar.exchange import Exchange
@@ -78,6 +79,7 @@ from coalesce.sidecar.flights import FULL as _FULL
 from coalesce.sidecar.flights import Answer, Flight
 from coalesce.sidecar.login import LoginRelay
 from coalesce.sidecar.outbox import FLUSH_AT, Outbox
+from coalesce.sidecar.peers import FORGET_PREFIX, HOP, forget_frame, read_forget
 from coalesce.sidecar.plan import Forward, Merge, Plan, Unprepared, Use, partition_of, plan
 from coalesce.sidecar.proxy import Proxy
 from coalesce.sidecar.upstream import Pool
@@ -91,6 +93,9 @@ _STREAM: Final = struct.Struct(">h")
 _RESPONSE_V4: Final = 0x84
 _COMPRESSION: Final = COMPRESSION
 _UNMERGEABLE: Final = TRACING | CUSTOM_PAYLOAD
+_CUSTOM_PAYLOAD: Final = CUSTOM_PAYLOAD
+_HOP: Final = HOP
+_HOP_SIZE: Final = len(HOP)
 _TIMESTAMP: Final = 0x20  # <query_parameters> flag: the client's default timestamp
 _EXECUTE: Final = int(Opcode.EXECUTE)
 _QUERY: Final = int(Opcode.QUERY)
@@ -138,13 +143,33 @@ class _Forward(Exchange):
         client = self.client
         proxy = client._proxy
         p = self.plan
-        if p.writes is not None:  # done or failed: it may have been applied either way
-            proxy.flights.freshness.written_by(p.writes, p.keyspace, self.partition)
         if type(outcome) is Frame and outcome.opcode == Opcode.RESULT:
             if p.learn:
                 _learn(proxy, outcome, self.text, self.pool.keyspace)
             elif p.rewrite is not None:
                 outcome = _rewrite(proxy, outcome, p)
+        if p.writes is not None:  # done or failed: it may have been applied either way
+            proxy.flights.freshness.written_by(p.writes, p.keyspace, self.partition)
+            peers = proxy.peers
+            if peers is not None and peers.ring.others:
+                # Every member forgets what the write made stale before its client hears.
+                body = forget_frame(p.writes, p.keyspace, self.partition)
+                client._spawn(self._deliver_after(peers.forget_everywhere(client.role, body),
+                                                  outcome))
+                return
+        self._deliver(outcome)
+
+    async def _deliver_after(self, forgets: Coroutine[Any, Any, int], outcome: Outcome) -> None:
+        try:
+            missed = await forgets
+            if missed:
+                self.client._proxy.stats.forgets_missed += missed
+        finally:
+            self._deliver(outcome)
+
+    def _deliver(self, outcome: Outcome) -> None:
+        client = self.client
+        proxy = client._proxy
         client._held -= len(self.body)
         client._answered(1)
         proxy.stats.latency["forwarded"].observe(proxy.loop_time() - self.read_at)
@@ -168,14 +193,16 @@ def _learn(proxy: Proxy, frame: Frame, text: str | None, keyspace: str | None) -
 
 
 def _rewrite(proxy: Proxy, frame: Frame, p: Forward) -> Outcome:
-    """Rows of ``system.local`` describing the sidecar, the peers tables empty."""
+    """Rows of ``system.local`` describing this sidecar, the peers tables the others."""
     try:
         extras, result = split_extras(frame.flags, frame.body, response=True)
+        columns = p.statement.result_columns if p.statement is not None else ()
         if p.rewrite == "local":
-            columns = p.statement.result_columns if p.statement is not None else ()
-            result = rewrite_local(result, proxy.identity, proxy.upstream.ring, columns)
+            result = rewrite_local(result, proxy.identity, proxy.advertised_tokens, columns,
+                                   proxy.cluster)
         else:
-            result = empty_rows(result)
+            result = peer_rows(result, proxy.peer_members(), proxy.identity, columns,
+                               proxy.cluster)
         extra_flags, body = join_extras(extras, result, response=True)
     except CQLProtocolError as exc:
         return UpstreamError(f"cannot rewrite the upstream answer: {exc.message}")
@@ -230,6 +257,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.role = ""
         self.keyspace: str | None = None
+        self.events: frozenset[str] = frozenset()  # REGISTERed event types
         self._pool: Pool | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -565,6 +593,16 @@ class ClientConnection(asyncio.Protocol):
                 body = decompress_body(body, max_size=self._max_frame)
                 flags &= ~_COMPRESSION
             if self._state == _READY and opcode in _PLANNED:
+                hop = False
+                if flags & _CUSTOM_PAYLOAD and opcode in _FAST:
+                    if body.startswith(_HOP):  # sent by a ring member: serve it here
+                        body = body[_HOP_SIZE:]
+                        flags &= ~_CUSTOM_PAYLOAD
+                        hop = True
+                        proxy.stats.ring_served += 1
+                    elif opcode == _QUERY and body.startswith(FORGET_PREFIX):
+                        self._on_forget(stream, body)
+                        return
                 if (opcode in _FAST and not flags & _UNMERGEABLE and len(body) > 13
                         and self._join_planned(stream, opcode, body)):
                     return
@@ -574,7 +612,7 @@ class ClientConnection(asyncio.Protocol):
                     proxy.stats.merged += 1
                     flight = proxy.flights.join(p.key, self, stream, self._seq)
                     if flight is None:
-                        flight = self._start_flight(request, p)
+                        flight = self._start_flight(request, p, hop)
                     elif flight is not _FULL and not flight.joinable:
                         self._answer_now(stream, flight)
                     elif flight is not _FULL:
@@ -671,7 +709,7 @@ class ClientConnection(asyncio.Protocol):
             self._write_frame(request.stream, Opcode.ERROR, 0, _unprepared_body(p.query_id))
             proxy.stats.latency["local"].observe(proxy.loop_time() - self.read_at)
 
-    def _start_flight(self, request: Request, p: Merge) -> Flight | None:
+    def _start_flight(self, request: Request, p: Merge, hop: bool) -> Flight | None:
         request.check()
         proxy = self._proxy
         flights = proxy.flights
@@ -679,18 +717,48 @@ class ClientConnection(asyncio.Protocol):
         assert pool is not None
         statement = p.statement
         partition = partition_of(request, statement)
-        node, shard = proxy.upstream.route(partition)
-        flight = Flight(flights, p.key, pool, node, request.opcode, request.flags, request.body,
-                        statement, p.table, partition, shard)
+        peers = proxy.peers
+        owner = None
+        if peers is not None and partition is not None and not hop:
+            owner = peers.ring.choose(murmur3_token(partition))
+            if owner is not None and not peers.reachable(owner):
+                owner = None
+        if owner is not None:
+            assert peers is not None and statement is not None  # partitions need statements
+            flight = Flight(flights, p.key, peers.pool(self.role, statement.keyspace), owner,
+                            request.opcode, request.flags, request.body, statement, p.table,
+                            partition)
+            flight.hop = True
+            flight.fallback = pool
+        else:
+            node, shard = proxy.upstream.route(partition)
+            flight = Flight(flights, p.key, pool, node, request.opcode, request.flags,
+                            request.body, statement, p.table, partition, shard)
         if flights.start(flight, self, request.stream):
             self._flights.add(flight)
             flight.starter = self
             self._held += len(flight.body)
             self._accepted()
+            if peers is not None:
+                if owner is not None:
+                    proxy.stats.ring_forwarded += 1
+                flights.ring_moved(flight, owner.name if owner is not None else peers.ring.me)
             return flight
         self._write_error(request.stream, ErrorCode.OVERLOADED,
                           "the sidecar has too many reads in flight")
         return None
+
+    def _on_forget(self, stream: int, body: bytes) -> None:
+        """A ring member's write completed: forget here what it made stale."""
+        forget = read_forget(body)
+        proxy = self._proxy
+        proxy.stats.local += 1
+        if forget is None:
+            self._write_error(stream, ErrorCode.INVALID, "malformed coalesce-forget payload")
+            return
+        info, keyspace, partition = forget
+        proxy.flights.freshness.written_by(info, keyspace, partition)
+        self._write_frame(stream, Opcode.RESULT, 0, _VOID)
 
     def _forward(self, request: Request, p: Forward) -> None:
         request.check()
@@ -831,8 +899,8 @@ class ClientConnection(asyncio.Protocol):
             )
 
     def _on_register(self, stream: int, flags: int, body: bytes) -> None:
-        events = Register.decode(body).event_types
-        if "SCHEMA_CHANGE" in events:
+        self.events = frozenset(Register.decode(body).event_types)
+        if self.events:
             self._proxy.listeners.add(self)
         self._proxy.stats.local += 1
         self._write_frame(stream, Opcode.READY, 0, b"")
@@ -892,6 +960,8 @@ def _unprepared_body(query_id: bytes) -> bytes:
     return Error(ErrorCode.UNPREPARED, "Prepared statement unknown to the sidecar",
                  UnpreparedDetails(query_id)).encode()
 
+
+_VOID: Final = (1).to_bytes(4, "big")  # RESULT Void
 
 _PLANNED: Final = frozenset(int(op) for op in (Opcode.QUERY, Opcode.EXECUTE, Opcode.PREPARE,
                                                 Opcode.BATCH))

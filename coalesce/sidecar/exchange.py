@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from coalesce.cql import (
     BETA,
@@ -33,14 +33,20 @@ from coalesce.cql import (
     Prepare,
     split_extras,
 )
+from coalesce.cql._wire import w_bytes_map
 from coalesce.sidecar.errors import UpstreamError, UpstreamLost
 from coalesce.sidecar.statements import KnownStatement
 
 if TYPE_CHECKING:
     from coalesce.sidecar.connection import Outcome, UpstreamConnection
-    from coalesce.sidecar.upstream import Node, Pool
+    from coalesce.sidecar.peers import PeerPool
+    from coalesce.sidecar.upstream import Pool
+
+    Connections = Pool | PeerPool
 
 __all__ = ["Exchange", "error_code", "is_unprepared"]
+
+_HOP: Final = w_bytes_map({"coalesce-hop": b""})  # peers.HOP (which imports this module)
 
 _log = logging.getLogger(__name__)
 
@@ -74,12 +80,12 @@ class Exchange:
     Not reusable: `start` once. Single event loop.
     """
 
-    __slots__ = ("body", "conn", "flags", "node", "opcode", "pool", "shard", "statement")
+    __slots__ = ("body", "conn", "flags", "hop", "node", "opcode", "pool", "shard", "statement")
 
     def __init__(
         self,
-        pool: Pool,
-        node: Node | None,
+        pool: Connections,
+        node: Any,
         opcode: int,
         flags: int,
         body: bytes,
@@ -94,13 +100,13 @@ class Exchange:
         self.body = body
         self.statement = statement  # None once the one re-prepare has been spent
         self.conn: UpstreamConnection | None = None
+        self.hop = False  # sent to the ring member owning it, with the hop marker
 
     def start(self) -> None:
         """Send now on an open connection, or as soon as one opens."""
         conn = self.pool.pick(self.node, self.shard)
         if conn is not None:
-            self.conn = conn
-            conn.send(self.opcode, self.body, self.flags, self)
+            self._send(conn)
         else:
             self.pool.upstream.spawn(self._send_after(self.pool.acquire(self.node)))
 
@@ -151,8 +157,14 @@ class Exchange:
         except asyncio.CancelledError:
             self._settle(UpstreamLost("the sidecar is shutting down"))
             raise
+        self._send(conn)
+
+    def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        conn.send(self.opcode, self.body, self.flags, self)
+        if self.hop:
+            conn.send(self.opcode, _HOP + self.body, self.flags | CUSTOM_PAYLOAD, self)
+        else:
+            conn.send(self.opcode, self.body, self.flags, self)
 
     async def _reprepared(self, statement: KnownStatement) -> UpstreamConnection:
         conn = self.conn
@@ -161,21 +173,16 @@ class Exchange:
         return await self.pool.acquire() if conn.closed else conn
 
 
-async def reprepare(pool: Pool, conn: UpstreamConnection, statement: KnownStatement) -> bool:
+async def reprepare(pool: Connections, conn: UpstreamConnection,
+                    statement: KnownStatement) -> bool:
     """Prepare `statement` again on the node behind `conn`; whether it worked.
 
     Scylla derives a statement's id from its text and the preparing connection's
     keyspace, so the PREPARE goes over a connection of that node using the keyspace
     the statement was first prepared with. Raises `UpstreamError`.
     """
-    target: UpstreamConnection | None = conn
-    if conn.keyspace != statement.keyspace or conn.closed:
-        upstream = pool.upstream
-        node = next((n for n in upstream.nodes if n.name == conn.node), None)
-        with upstream.borrow(pool.role, statement.keyspace) as other:
-            target = await other.acquire(node)
-        if target.node != conn.node:
-            return False
-    assert target is not None
+    target = await pool.for_keyspace(conn, statement.keyspace)
+    if target is None:
+        return False
     reply = await target.request(Opcode.PREPARE, Prepare(statement.query).encode())
     return reply.opcode == Opcode.RESULT

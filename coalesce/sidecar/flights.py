@@ -32,7 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from coalesce.cql import COMPRESSION, Frame, compress_body
 from coalesce.freshness import FreshnessIndex
@@ -43,7 +43,9 @@ from coalesce.sidecar.statements import KnownStatement
 
 if TYPE_CHECKING:
     from coalesce.sidecar.connection import Outcome
-    from coalesce.sidecar.upstream import Node, Pool
+    from coalesce.sidecar.exchange import Connections
+    from coalesce.sidecar.members import SidecarRing
+    from coalesce.sidecar.upstream import Pool
 
 __all__ = ["FULL", "Answer", "Flight", "Flights", "Ingest", "Waiter"]
 
@@ -118,16 +120,16 @@ class Waiter(Protocol):
 class Flight(Exchange):
     """One merged read: its key, its waiters, and the exchange that answers them all."""
 
-    __slots__ = ("answer", "arrived", "count", "flights", "joinable", "key", "partition",
-                 "settled_seq",
+    __slots__ = ("answer", "arrived", "count", "fallback", "flights", "joinable", "key",
+                 "load_on", "partition", "prepared", "settled_seq",
                  "started", "starter", "state", "table", "waiters")
 
     def __init__(
         self,
         flights: Flights,
         key: Hashable,
-        pool: Pool,
-        node: Node | None,
+        pool: Connections,
+        node: Any,
         opcode: int,
         flags: int,
         body: bytes,
@@ -137,6 +139,10 @@ class Flight(Exchange):
         shard: int | None = None,
     ) -> None:
         super().__init__(pool, node, opcode, flags, body, statement, shard)
+        self.prepared = statement
+        # Sent to its owner on the ring: the pool that serves it here if that fails.
+        self.fallback: Pool | None = None
+        self.load_on: str | None = None  # the ring member its load counts on (bounded loads)
         self.flights = flights
         self.key = key
         self.table = table
@@ -174,6 +180,9 @@ class Flight(Exchange):
     def finish(self, outcome: Outcome) -> None:
         if self.state == _DONE:
             return  # abandoned: a late answer nobody waits for
+        if self.fallback is not None and isinstance(outcome, UpstreamError):
+            self._serve_here(self.fallback)
+            return
         flights = self.flights
         current = self.joinable  # not forgotten by a write: its answer is still current
         flights._ended(self, outcome)
@@ -191,6 +200,19 @@ class Flight(Exchange):
             if self.settled_seq < 0:
                 self.answer = None  # kept only while requests read before it may need it
         self.arrived = {}
+
+    def _serve_here(self, pool: Pool) -> None:
+        """The owner could not be reached: read from Scylla after all."""
+        self.flights.fallbacks += 1
+        self.fallback = None
+        self.hop = False
+        self.pool = pool
+        self.node, self.shard = pool.upstream.route(self.partition)
+        self.statement = self.prepared
+        self.conn = None
+        ring = self.flights.ring
+        self.flights.ring_moved(self, ring.me if ring is not None else None)
+        self.start()
 
     def fail(self, error: UpstreamError) -> None:
         if self.state != _DONE:
@@ -215,7 +237,7 @@ class Flights:
     """
 
     __slots__ = ("_by_key", "_queue", "_settled", "_shed_recent", "_shedding", "freshness",
-                 "ingest", "linger",
+                 "fallbacks", "ingest", "linger", "ring",
                  "max_inflight", "max_queued", "max_waiters", "running", "stats")
 
     def __init__(
@@ -239,6 +261,8 @@ class Flights:
         # Answered flights whose answer requests read before it arrived may still get.
         self._settled: dict[Hashable, Flight] = {}
         self.ingest: Ingest | None = None
+        self.ring: SidecarRing | None = None  # with bounded loads: counts flights per member
+        self.fallbacks = 0  # flights sent to their ring owner, served here after all
         self.freshness = FreshnessIndex(self)
 
     def __len__(self) -> int:
@@ -395,9 +419,22 @@ class Flights:
         elif flight in self._queue:
             self._queue.remove(flight)
         flight.state = _DONE
+        if flight.load_on is not None:
+            self.ring_moved(flight, None)
         queue = self._queue
         while queue and (self.max_inflight is None or self.running < self.max_inflight):
             self._send(queue.popleft())
+
+    def ring_moved(self, flight: Flight, member: str | None) -> None:
+        """With bounded loads, `flight` now counts on ring member `member` (None: none)."""
+        ring = self.ring
+        if ring is None:
+            return
+        if flight.load_on is not None:
+            ring.release(flight.load_on)
+        flight.load_on = member
+        if member is not None:
+            ring.acquire(member)
 
     def _ended(self, flight: Flight, outcome: Outcome) -> None:
         sent = flight.state == _SENT

@@ -135,7 +135,10 @@ def plan(request: Request, role: str, keyspace: str | None, statements: Statemen
         if table is not None:
             if request.flags & _UNMERGEABLE or request.consistency in SERIAL_CONSISTENCIES:
                 return Forward(statement)
-            return Merge((role, keyspace, opcode, request.key_body()), table, statement)
+            # The id names the statement and the keyspace it was prepared in: the
+            # connection's own keyspace changes nothing, so it is not in the key (and a
+            # read a ring member forwards merges with the owner's own clients').
+            return Merge((role, None, opcode, request.key_body()), table, statement)
         if statement.rewrite is not None:
             return Forward(statement, rewrite=statement.rewrite)
         info = statement.info

@@ -1,9 +1,10 @@
 """The state every client connection shares.
 
 `Proxy` owns the in-flight table of merged reads (with its read-after-write index),
-the statements prepared through the sidecar, the identity the sidecar presents, the
-clients listening for schema events, the count of requests waiting for an answer (for
-drain), and the ingest budget.
+the statements prepared through the sidecar, the identity the sidecar presents (and,
+in a ring, the ring and the connections to its other members), the clients listening
+for events, the count of requests waiting for an answer (for drain), and the ingest
+budget.
 
 The ingest budget keeps answers from waiting behind ingest. Client connections
 dispatch at most ``INGEST_BUDGET`` frames between two budget refills; a connection
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from coalesce.cql import COMPRESSION, Frame
+from coalesce.cql import COMPRESSION, Frame, StatusChangeEvent, TopologyChangeEvent
 from coalesce.metrics import FlightStats, register
-from coalesce.sidecar.advertised import Identity
+from coalesce.sidecar.advertised import Cells, Identity, advertised_tokens
+from coalesce.sidecar.members import Member, SidecarRing
+from coalesce.sidecar.peers import Peers
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.flights import Flights
 from coalesce.sidecar.statements import StatementCache
@@ -46,6 +49,10 @@ _SCHEMA_CHANGE_PREFIX: Final = b"\x00\x0dSCHEMA_CHANGE"
 
 
 class EventListener(Protocol):
+    @property
+    def events(self) -> frozenset[str]:
+        """The event types it registered for."""
+
     def send_event(self, body: bytes) -> None: ...
 
 
@@ -80,6 +87,9 @@ class Proxy:
         )
         self.statements = StatementCache(config.prepared_cache, config.prepared_cache_bytes)
         self.listeners: set[EventListener] = set()
+        self.peers: Peers | None = None  # set by `join_ring`
+        # Scylla's latest system.local cells, for the peers tables' rows.
+        self.cluster: Cells = upstream.local_row
         self.in_flight = 0
         loop = asyncio.get_running_loop()
         self.loop_time = loop.time
@@ -141,12 +151,61 @@ class Proxy:
             self._idle.clear()
             await self._idle.wait()
 
-    # -- schema events --------------------------------------------------------------------
+    # -- the ring ----------------------------------------------------------------------------
+
+    def join_ring(self, ring: SidecarRing) -> None:
+        """Merge reads with the other sidecars of `ring` (see `coalesce.sidecar.peers`)."""
+        self.peers = Peers(self.config, self.upstream, ring)
+        if ring.bounded:
+            self.flights.ring = ring
+        self.stats.ring_members = len(ring)
+
+    def ring_changed(self, names: tuple[str, ...]) -> None:
+        """The ring is now `names`: update it and tell drivers listening for topology."""
+        peers = self.peers
+        assert peers is not None
+        added, removed = peers.ring.update(names)
+        self.stats.ring_members = len(peers.ring)
+        me = peers.ring.me
+        for member in removed:
+            peers.member_left(member)
+            if member.name != me:
+                self._tell("STATUS_CHANGE", StatusChangeEvent("DOWN", _inet(member)).encode())
+                self._tell("TOPOLOGY_CHANGE",
+                           TopologyChangeEvent("REMOVED_NODE", _inet(member)).encode())
+        for member in added:
+            if member.name != me:
+                self._tell("TOPOLOGY_CHANGE",
+                           TopologyChangeEvent("NEW_NODE", _inet(member)).encode())
+                self._tell("STATUS_CHANGE", StatusChangeEvent("UP", _inet(member)).encode())
+
+    def peer_members(self) -> tuple[Member, ...]:
+        """The members ``system.peers`` lists: every other one."""
+        return self.peers.ring.others if self.peers is not None else ()
+
+    def advertised_tokens(self, seen: frozenset[str]) -> frozenset[str]:
+        """The tokens of ``system.local``: this member's ring positions in a ring (none
+        while it is out of it), else the whole upstream ring."""
+        if self.peers is None:
+            return advertised_tokens(self.upstream.ring, seen)
+        member = self.peers.ring.member(self.peers.ring.me)
+        return frozenset(str(t) for t in member.tokens) if member is not None else frozenset()
+
+    # -- events ---------------------------------------------------------------------------
 
     def on_upstream_event(self, frame: Frame) -> None:
-        """Relay SCHEMA_CHANGE events to listening clients; drop topology and status."""
+        """Relay SCHEMA_CHANGE events to listening clients; drop Scylla's topology and
+        status events (drivers see sidecars, not Scylla nodes)."""
         body = frame.body
         if frame.flags & COMPRESSION or not body.startswith(_SCHEMA_CHANGE_PREFIX):
             return
+        self._tell("SCHEMA_CHANGE", body)
+
+    def _tell(self, event_type: str, body: bytes) -> None:
         for listener in list(self.listeners):
-            listener.send_event(body)
+            if event_type in listener.events:
+                listener.send_event(body)
+
+
+def _inet(member: Member) -> tuple[str, int]:
+    return member.host, member.port

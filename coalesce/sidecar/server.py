@@ -24,6 +24,7 @@ from coalesce.sidecar.client import ClientConnection
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.errors import ConfigError
 from coalesce.sidecar.flights import Flights
+from coalesce.sidecar.members import SidecarRing, member_name
 from coalesce.sidecar.metrics_http import serve_metrics
 from coalesce.sidecar.proxy import Proxy
 from coalesce.sidecar.stats import SidecarStats, register_stats
@@ -159,21 +160,43 @@ class Sidecar:
             proxy.stats, self.registry,
             upstream_connections=upstream.connections_by_node,
             upstream_errors=lambda: upstream.errors,
+            ring_fallbacks=lambda: proxy.flights.fallbacks,
         )
         await upstream.start()
         self._server = await loop.create_server(
             lambda: self._accept(proxy), config.listen[0], config.listen[1], ssl=client_tls
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        proxy.identity = Identity(
+        proxy.identity = identity = Identity(
             await _ip_literal(config.advertised_address), config.advertised_port or self.port,
             config.data_center, config.rack,
         )
+        if config.peers is not None or config.membership is not None:
+            await self._join_ring(proxy, member_name(identity.address, identity.port))
         if config.metrics is not None:
             self._metrics = await serve_metrics(
                 config.metrics[0], config.metrics[1], self.registry, self.health
             )
             self.metrics_port = self._metrics.sockets[0].getsockname()[1]
+
+    async def _join_ring(self, proxy: Proxy, me: str) -> None:
+        config = self.config
+        if config.tls_cert is not None:
+            raise ConfigError("a ring of sidecars with client TLS is not supported yet: "
+                              "members would need to verify each other's certificates")
+        proxy.join_ring(SidecarRing(me, vnodes=config.vnodes, load_factor=config.load_factor))
+        if config.peers is not None:
+            proxy.ring_changed(tuple(member_name(host, port) for host, port in config.peers))
+
+    @property
+    def ring(self) -> SidecarRing | None:
+        """The ring of sidecars this one belongs to (None: it works alone)."""
+        peers = self._require_proxy().peers
+        return peers.ring if peers is not None else None
+
+    def ring_changed(self, names: tuple[str, ...]) -> None:
+        """Set the ring's members by hand (membership sources call this)."""
+        self._require_proxy().ring_changed(names)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop accepting, wait for answers to requests already received, then stop.
@@ -200,6 +223,8 @@ class Sidecar:
             self._server.close()
         for client in list(self._clients):
             client.close()  # flushed; a client that reads nothing is cut off after a grace
+        if self._proxy is not None and self._proxy.peers is not None:
+            await self._proxy.peers.close()
         if self._upstream is not None:
             await self._upstream.close()
         if self._metrics is not None:

@@ -72,8 +72,8 @@ class Histogram:
 class SidecarStats:
     """Plain counters, bumped on the event loop, read at scrape time."""
 
-    __slots__ = ("client_connections", "forwarded", "frames", "latency", "local", "merged",
-                 "protocol_errors", "refused", "timed_out")
+    __slots__ = ("client_connections", "forgets_missed", "forwarded", "frames", "latency",
+                 "local", "merged", "protocol_errors", "refused", "ring_forwarded", "ring_members", "ring_served", "timed_out")
 
     def __init__(self) -> None:
         self.client_connections = 0
@@ -84,6 +84,14 @@ class SidecarStats:
         self.refused = 0  # connections over max_connections
         self.timed_out = 0  # connections closed by the handshake or idle timeout
         self.protocol_errors = 0  # connections closed for a malformed frame or body
+        # The ring: members in this sidecar's view; merged reads sent to their owner
+        # (one per flight; `Flights.fallbacks` counts those served here after all);
+        # requests other members sent here (hop-marked); members that did not confirm
+        # a write's forget in time.
+        self.ring_members = 0
+        self.ring_forwarded = 0
+        self.ring_served = 0
+        self.forgets_missed = 0
         # Request latency as clients see it, by path: from the read that brought the
         # request to its answer being written.
         self.latency = {path: Histogram(LATENCY_BUCKETS) for path in PATHS}
@@ -95,10 +103,12 @@ class _Collector:
         stats: SidecarStats,
         upstream_connections: Callable[[], Mapping[str, int]],
         upstream_errors: Callable[[], int],
+        ring_fallbacks: Callable[[], int],
     ) -> None:
         self._stats = stats
         self._upstream_connections = upstream_connections
         self._upstream_errors = upstream_errors
+        self._ring_fallbacks = ring_fallbacks
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -148,7 +158,22 @@ class _Collector:
         for path in PATHS:
             histogram = stats.latency[path]
             latency.add_metric([path], histogram.cumulative(), histogram.total)
-        yield from (clients, upstream, frames, requests, errors, closed, latency)
+        members = GaugeMetricFamily(
+            "coalesce_sidecar_ring_members", "Members of the ring in this sidecar's view.")
+        members.add_metric([], stats.ring_members)
+        ring = CounterMetricFamily(
+            "coalesce_sidecar_ring_reads",
+            "Merged reads by their way around the ring: sent to the owner, served here "
+            "after the owner failed, served here for another member.", labels=["way"])
+        ring.add_metric(["to_owner"], stats.ring_forwarded)
+        ring.add_metric(["fallback"], self._ring_fallbacks())
+        ring.add_metric(["for_member"], stats.ring_served)
+        missed = CounterMetricFamily(
+            "coalesce_sidecar_ring_forgets_missed",
+            "Ring members that did not confirm a write's forget within peer_timeout.")
+        missed.add_metric([], stats.forgets_missed)
+        yield from (clients, upstream, frames, requests, errors, closed, latency, members,
+                    ring, missed)
 
 
 def register_stats(
@@ -157,6 +182,7 @@ def register_stats(
     *,
     upstream_connections: Callable[[], Mapping[str, int]],
     upstream_errors: Callable[[], int],
+    ring_fallbacks: Callable[[], int] = lambda: 0,
 ) -> None:
-    """Export `stats` (and the two upstream readings) through `registry`."""
-    registry.register(_Collector(stats, upstream_connections, upstream_errors))
+    """Export `stats` (and the readings of the callables) through `registry`."""
+    registry.register(_Collector(stats, upstream_connections, upstream_errors, ring_fallbacks))

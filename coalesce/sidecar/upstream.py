@@ -71,7 +71,8 @@ _STARTUP_BODY: Final = b"\x00\x01\x00\x0bCQL_VERSION\x00\x053.0.0"
 _DEFAULT_AUTHENTICATOR: Final = "org.apache.cassandra.auth.PasswordAuthenticator"
 
 _LOCAL_TOKENS: Final = Query(
-    "SELECT tokens, data_center, rack FROM system.local WHERE key='local'",
+    "SELECT tokens, data_center, rack, schema_version, release_version FROM system.local "
+    "WHERE key='local'",
     QueryParameters(0x0001),
 ).encode()
 _REGISTER_SCHEMA: Final = Register(["SCHEMA_CHANGE"]).encode()
@@ -174,6 +175,9 @@ class Upstream:
         self.authenticator = _DEFAULT_AUTHENTICATOR  # the class name Scylla announces
         self.on_event = on_event  # receives SCHEMA_CHANGE events from one connection
         self._tokens: dict[str, bytes | None] = {}
+        # Cells of a node's system.local (name -> (CQL type, bytes)), kept up to date
+        # by every system.local read a client makes: what ring members' rows say.
+        self.local_row: dict[str, tuple[str, bytes]] = {}
         self._pools: OrderedDict[tuple[str, str | None], Pool] = OrderedDict()
         self._connecting = asyncio.Semaphore(_CONNECTING_AT_ONCE)
         self.logins = asyncio.Semaphore(config.max_logins)
@@ -342,6 +346,10 @@ class Upstream:
 
     def connections_by_node(self) -> dict[str, int]:
         return {node.name: node.connections for node in self.nodes}
+
+    def credentials(self, role: str) -> bytes | None:
+        """The SASL token `role` logged in with (None: none kept, or none needed)."""
+        return self._tokens.get(role)
 
     def forget_credentials(self, role: str) -> None:
         self._tokens.pop(role, None)
@@ -514,6 +522,9 @@ class Upstream:
             row = dict(zip((c.name for c in result.metadata.columns), result.rows[0],
                            strict=True))
             types = {c.name: c.type for c in result.metadata.columns}
+            for name, cell in row.items():
+                if cell is not None and name != "tokens":
+                    self.local_row.setdefault(name, (types[name].cql_name, cell))
             raw_tokens = row.get("tokens")
             tokens: Iterable[str] = (
                 types["tokens"].deserialize(raw_tokens) if raw_tokens is not None else ()
@@ -735,6 +746,17 @@ class Pool:
         for short in list(self._short):
             self._open(short)
         return None
+
+    async def for_keyspace(self, conn: UpstreamConnection, keyspace: str | None
+                           ) -> UpstreamConnection | None:
+        """A connection to the node behind `conn` using `keyspace` (to prepare there);
+        None if that node has none to give."""
+        if conn.keyspace == keyspace and not conn.closed:
+            return conn
+        node = self._node_named(conn.node)
+        with self.upstream.borrow(self.role, keyspace) as other:
+            target = await other.acquire(node)
+        return target if target.node == conn.node else None
 
     def any_connection(self) -> UpstreamConnection | None:
         return self.live[0] if self.live else None

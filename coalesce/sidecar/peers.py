@@ -1,0 +1,327 @@
+"""Connections to the other sidecars of the ring, and what travels on them.
+
+A sidecar sends a merged read it does not own to the owner as an ordinary CQL
+client would, over a connection logged in **as the reading client's role** with the
+credentials Scylla accepted for that role (the owner relays the login to Scylla, which
+verifies it, as for any client): a member never claims a role it did not prove, and an
+answer is shared only inside one role on every member.
+
+Two kinds of request carry a custom payload of ours (the CQL way to add to a request):
+
+- a read with the **hop marker** (`HOP`, the payload ``{"coalesce-hop": ""}``): the
+  receiving member serves it itself, never forwards it again, so two members whose
+  views of the ring disagree cannot send a read in circles. Any client may send the
+  marker; all it does is keep its read on the member it reached;
+- a **forget** (`forget_frame`): after a write completes at one member, and before its
+  client hears of it, every other member forgets the flights the write makes stale,
+  exactly as the writing member did (`FreshnessIndex.written_by`), so a read through
+  any member afterwards starts fresh. It is answered at once; its only effect is that
+  later reads start fresh, no more than the write itself causes.
+
+A member that cannot be reached (refused, or no answer within ``peer_timeout``) is
+left alone for a back-off that doubles per failure (``reconnect_delay`` up to
+``reconnect_max_delay``); meanwhile reads it owns are served by the member that got
+them. Connections are opened on demand, one per (member, role, keyspace), at most
+``max_pools`` (role, keyspace) pools, least recently used closed first. Single event
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Final
+
+from coalesce.cql import CUSTOM_PAYLOAD, Opcode
+from coalesce.cql._wire import w_bytes_map
+from coalesce.cql.classify import StatementInfo
+from coalesce.sidecar.config import SidecarConfig
+from coalesce.sidecar.connection import UpstreamConnection
+from coalesce.sidecar.errors import UpstreamError, UpstreamUnavailable
+from coalesce.sidecar.members import Member, SidecarRing
+
+if TYPE_CHECKING:
+    from coalesce.sidecar.upstream import Upstream
+
+__all__ = ["FORGET_PREFIX", "HOP", "PeerPool", "Peers", "forget_frame", "read_forget"]
+
+_log = logging.getLogger(__name__)
+
+HOP: Final = w_bytes_map({"coalesce-hop": b""})
+"""The custom payload of a read forwarded to its owner (the whole payload, byte for byte)."""
+
+_FORGET_KEY: Final = "coalesce-forget"
+FORGET_PREFIX: Final = b"\x00\x01" + len(_FORGET_KEY).to_bytes(2, "big") + _FORGET_KEY.encode()
+"""How the body of a forget starts (a one-entry payload with our key)."""
+_MAX_FORGET: Final = 64 * 1024
+
+
+def forget_frame(info: StatementInfo, keyspace: str | None, partition: bytes | None) -> bytes:
+    """The body of a QUERY telling a member what a completed write made stale."""
+    message = {
+        "kind": info.kind, "keyspace": info.keyspace, "table": info.table,
+        "tables": [list(t) for t in info.tables], "session_keyspace": keyspace,
+        "partition": partition.hex() if partition is not None else None,
+    }
+    return w_bytes_map({_FORGET_KEY: json.dumps(message, separators=(",", ":")).encode()})
+
+
+def read_forget(body: bytes) -> tuple[StatementInfo, str | None, bytes | None] | None:
+    """What a forget says (`forget_frame`), None if `body` is not one we can read."""
+    if not body.startswith(FORGET_PREFIX) or len(body) > _MAX_FORGET:
+        return None
+    at = len(FORGET_PREFIX)
+    size = int.from_bytes(body[at:at + 4], "big", signed=True)
+    raw = body[at + 4:at + 4 + size]
+    if size < 0 or len(raw) != size:
+        return None
+    try:
+        message = json.loads(raw)
+        tables = tuple((_text(k), _req_text(t)) for k, t in message["tables"])
+        info = StatementInfo(_req_text(message["kind"]), _text(message["keyspace"]),
+                             _text(message["table"]), tables=tables)
+        partition = message["partition"]
+        return (info, _text(message["session_keyspace"]),
+                None if partition is None else bytes.fromhex(_req_text(partition)))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError("expected text")
+
+
+def _req_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise TypeError("expected text")
+
+
+class Peers:
+    """The ring's other members as this sidecar reaches them; `errors` counts failed
+    requests to them."""
+
+    def __init__(self, config: SidecarConfig, upstream: Upstream, ring: SidecarRing) -> None:
+        self.config = config
+        self.upstream_of_roles = upstream  # whose credentials open connections
+        self.ring = ring
+        self.errors = 0
+        self._pools: OrderedDict[tuple[str, str | None], PeerPool] = OrderedDict()
+        self._failures: dict[str, int] = {}
+        self._retry_at: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- for `Exchange` ----------------------------------------------------------------
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- pools ---------------------------------------------------------------------------
+
+    def pool(self, role: str, keyspace: str | None) -> PeerPool:
+        """The connections of `role` using `keyspace` to every member."""
+        key = (role, keyspace)
+        pool = self._pools.get(key)
+        if pool is None:
+            while len(self._pools) >= self.config.max_pools:
+                _, oldest = self._pools.popitem(last=False)
+                oldest.close()
+            pool = self._pools[key] = PeerPool(self, role, keyspace)
+        else:
+            self._pools.move_to_end(key)
+        return pool
+
+    def reachable(self, member: Member) -> bool:
+        """Not backing off after a failure to reach it."""
+        retry_at = self._retry_at.get(member.name)
+        return retry_at is None or asyncio.get_running_loop().time() >= retry_at
+
+    def member_left(self, member: Member) -> None:
+        """Close every connection to a member that left the ring."""
+        self._failures.pop(member.name, None)
+        self._retry_at.pop(member.name, None)
+        for pool in self._pools.values():
+            pool.drop(member.name)
+
+    def _failed(self, member: Member, error: UpstreamError) -> None:
+        failures = self._failures[member.name] = self._failures.get(member.name, 0) + 1
+        config = self.config
+        delay = min(config.reconnect_max_delay,
+                    config.reconnect_delay * 2 ** min(failures - 1, 30))
+        self._retry_at[member.name] = asyncio.get_running_loop().time() + delay
+        if failures in (1, 10) or failures % 100 == 0:
+            _log.warning("ring member %s unreachable (%d attempts), its reads are served "
+                         "here: %s", member.name, failures, error)
+
+    def _ok(self, member: Member) -> None:
+        if self._failures.pop(member.name, None):
+            _log.warning("ring member %s reachable again", member.name)
+        self._retry_at.pop(member.name, None)
+
+    async def connect(self, member: Member, role: str, keyspace: str | None
+                      ) -> UpstreamConnection:
+        """A new connection to `member`, logged in as `role`, using `keyspace`."""
+        config = self.config
+        timeout = config.peer_timeout
+        upstream = self.upstream_of_roles
+        try:
+            conn = await UpstreamConnection.connect(
+                member.host, member.port, node=member.name, timeout=timeout,
+                max_frame_size=max(config.max_frame_size, 256 * 1024 * 1024),
+                request_timeout=config.request_timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    await conn.login(upstream.credentials(role), timeout)
+                    if keyspace is not None:
+                        await conn.use(keyspace, timeout)
+            except TimeoutError:
+                conn.close()
+                raise UpstreamUnavailable(
+                    f"{member.name}: no login within {timeout:g}s") from None
+            except BaseException:
+                conn.close()
+                raise
+        except UpstreamError as exc:
+            self._failed(member, exc)
+            raise
+        self._ok(member)
+        conn.role = role
+        return conn
+
+    # -- forgets ---------------------------------------------------------------------------
+
+    async def forget_everywhere(self, role: str, body: bytes) -> int:
+        """Send a forget to every other member and wait (``peer_timeout`` at most) for
+        their answers; return how many did not answer in time."""
+        others = [m for m in self.ring.others if self.reachable(m)]
+        if not others:
+            return 0
+        pool = self.pool(role, None)
+        results = await asyncio.gather(*(pool.tell(m, body) for m in others))
+        return results.count(False)
+
+    async def close(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class PeerPool:
+    """Connections of one (role, keyspace) to the members: one each, opened on demand.
+
+    The surface `Exchange` uses (`pick`, `acquire`, `for_keyspace`, `upstream`), with
+    members as its nodes: `pick` only ever returns a connection to the member asked
+    for, never another, since only the owner merges.
+    """
+
+    def __init__(self, peers: Peers, role: str, keyspace: str | None) -> None:
+        self.upstream = peers
+        self.role = role
+        self.keyspace = keyspace
+        self._conns: dict[str, UpstreamConnection] = {}
+        self._opening: dict[str, asyncio.Task[UpstreamConnection]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<PeerPool role={self.role!r} keyspace={self.keyspace!r}>"
+
+    def pick(self, node: Any = None, shard: int | None = None) -> UpstreamConnection | None:
+        """The open connection to member `node`, None (and one being opened) if none."""
+        if not isinstance(node, Member):
+            return None
+        conn = self._conns.get(node.name)
+        if conn is not None and not conn.closed and conn.has_free_stream:
+            return conn
+        self._open(node)
+        return None
+
+    async def acquire(self, node: Any = None) -> UpstreamConnection:
+        """The connection to member `node`, once open; raises `UpstreamError`."""
+        if not isinstance(node, Member):
+            raise UpstreamUnavailable("no ring member to send to")
+        conn = self.pick(node)
+        if conn is not None:
+            return conn
+        task = self._opening.get(node.name)
+        if task is None:
+            raise UpstreamUnavailable(f"{node.name}: backing off after a failure")
+        return await asyncio.shield(task)
+
+    async def for_keyspace(self, conn: UpstreamConnection, keyspace: str | None
+                           ) -> UpstreamConnection | None:
+        """A connection to the member behind `conn` using `keyspace` (to prepare there)."""
+        if conn.keyspace == keyspace and not conn.closed:
+            return conn
+        member = self.upstream.ring.member(conn.node)
+        if member is None:
+            return None
+        return await self.upstream.pool(self.role, keyspace).acquire(member)
+
+    async def tell(self, member: Member, body: bytes) -> bool:
+        """Send a forget to `member`; whether it answered within ``peer_timeout``."""
+        try:
+            async with asyncio.timeout(self.upstream.config.peer_timeout):
+                conn = await self.acquire(member)
+                reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
+        except (UpstreamError, TimeoutError):
+            return False
+        return reply.opcode == Opcode.RESULT
+
+    def drop(self, name: str) -> None:
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            conn.close("the member left the ring")
+        task = self._opening.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    def close(self) -> None:
+        self._closed = True
+        for task in self._opening.values():
+            task.cancel()
+        self._opening.clear()
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    def _open(self, member: Member) -> None:
+        peers = self.upstream
+        if (member.name in self._opening or self._closed or peers._closed
+                or not peers.reachable(member)):
+            return
+        task = peers.spawn(peers.connect(member, self.role, self.keyspace))
+        self._opening[member.name] = task
+        task.add_done_callback(lambda t: self._opened(member, t))
+
+    def _opened(self, member: Member, task: asyncio.Task[UpstreamConnection]) -> None:
+        if self._opening.get(member.name) is task:
+            del self._opening[member.name]
+        if task.cancelled() or task.exception() is not None:
+            return
+        conn = task.result()
+        if self._closed or self.upstream.ring.member(member.name) is None:
+            conn.close()
+            return
+        old = self._conns.get(member.name)
+        if old is not None:
+            old.close()
+        self._conns[member.name] = conn
+        conn.on_close = self._closed_one
+
+    def _closed_one(self, conn: UpstreamConnection) -> None:
+        if self._conns.get(conn.node) is conn:
+            del self._conns[conn.node]
+
