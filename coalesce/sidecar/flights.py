@@ -236,9 +236,23 @@ class Flights:
     from the moment it is sent until it ends or is abandoned.
     """
 
-    __slots__ = ("_by_key", "_queue", "_settled", "_shed_recent", "_shedding", "freshness",
-                 "fallbacks", "ingest", "linger", "ring",
-                 "max_inflight", "max_queued", "max_waiters", "running", "stats")
+    __slots__ = (
+        "_by_key",
+        "_queue",
+        "_settled",
+        "_shed_recent",
+        "_shedding",
+        "fallbacks",
+        "freshness",
+        "ingest",
+        "linger",
+        "max_inflight",
+        "max_queued",
+        "max_waiters",
+        "ring",
+        "running",
+        "stats",
+    )
 
     def __init__(
         self,

@@ -293,9 +293,9 @@ class PeerPool:
         for task in self._opening.values():
             task.cancel()
         self._opening.clear()
-        for conn in self._conns.values():
+        conns, self._conns = self._conns, {}
+        for conn in conns.values():
             conn.close()
-        self._conns.clear()
 
     def _open(self, member: Member) -> None:
         peers = self.upstream

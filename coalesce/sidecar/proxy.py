@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry
 from coalesce.cql import COMPRESSION, Frame, StatusChangeEvent, TopologyChangeEvent
 from coalesce.metrics import FlightStats, register
 from coalesce.sidecar.advertised import Cells, Identity, advertised_tokens
-from coalesce.sidecar.members import Member, SidecarRing
-from coalesce.sidecar.peers import Peers
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.flights import Flights
+from coalesce.sidecar.members import Member, SidecarRing
+from coalesce.sidecar.peers import Peers
 from coalesce.sidecar.statements import StatementCache
 from coalesce.sidecar.stats import SidecarStats
 from coalesce.sidecar.upstream import Upstream

@@ -73,7 +73,8 @@ class SidecarStats:
     """Plain counters, bumped on the event loop, read at scrape time."""
 
     __slots__ = ("client_connections", "forgets_missed", "forwarded", "frames", "latency",
-                 "local", "merged", "protocol_errors", "refused", "ring_forwarded", "ring_members", "ring_served", "timed_out")
+                 "local", "merged", "protocol_errors", "refused", "ring_forwarded",
+                 "ring_members", "ring_served", "timed_out")
 
     def __init__(self) -> None:
         self.client_connections = 0
