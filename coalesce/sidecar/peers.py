@@ -200,13 +200,15 @@ class Peers:
 
     async def forget_everywhere(self, role: str, body: bytes) -> int:
         """Send a forget to every other member and wait (``peer_timeout`` at most) for
-        their answers; return how many did not answer in time."""
-        others = [m for m in self.ring.others if self.reachable(m)]
-        if not others:
-            return 0
-        pool = self.pool(role, None)
-        results = await asyncio.gather(*(pool.tell(m, body) for m in others))
-        return results.count(False)
+        their answers; return how many did not confirm it (backing off ones included)."""
+        members = self.ring.others
+        others = [m for m in members if self.reachable(m)]
+        missed = len(members) - len(others)
+        if others:
+            pool = self.pool(role, None)
+            results = await asyncio.gather(*(pool.tell(m, body) for m in others))
+            missed += results.count(False)
+        return missed
 
     async def close(self) -> None:
         self._closed = True

@@ -369,3 +369,26 @@ async def test_a_member_out_of_the_ring_claims_nothing_and_forwards_everything(
     assert ring.sidecars[0].stats.ring_forwarded == 1
     assert ring.sidecars[1].stats.ring_served == 2  # UNPREPARED there first, then served
     await client.close()
+
+
+async def test_bounded_loads_serve_here_what_would_pile_onto_one_owner(
+    ring_stack: MakeRing,
+) -> None:
+    ring = await ring_stack(3, load_factor=1.25)
+    keys = []
+    while len(keys) < 8:
+        keys.append(ring.key_owned_by(1, start=keys[-1] + 1 if keys else 0))
+    client = await ring.client(0)
+    read_id = (await client.prepare(READ)).query_id
+    hold = ring.emulator.hold_reads()
+    reads = [client.send_execute(read_id, [_int(k)]) for k in keys]
+    await eventually(lambda: len(hold) == 8)
+    member = ring.sidecars[0]
+    sent = member.stats.ring_forwarded
+    # ceil(1.25 * (total + 1) / 3) bounds the owner: 4 of the 8, the rest read here.
+    assert sent == 4 and member.flights.running == 8
+    assert member.ring is not None and member.ring.load(member.ring.me) == 4
+    hold.release()
+    assert all(rows_of(r) == [] for r in await asyncio.gather(*reads))
+    assert member.ring.load(member.ring.me) == 0  # every flight gave its load back
+    await client.close()
