@@ -39,7 +39,7 @@ from coalesce.cql._wire import w_bytes_map
 from coalesce.cql.classify import StatementInfo
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.connection import UpstreamConnection
-from coalesce.sidecar.errors import UpstreamError, UpstreamUnavailable
+from coalesce.sidecar.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
 from coalesce.sidecar.members import Member, SidecarRing
 
 if TYPE_CHECKING:
@@ -189,6 +189,8 @@ class Peers:
             except BaseException:
                 conn.close()
                 raise
+        except UpstreamRefused:
+            raise  # the member answers; it (or Scylla) refused this role or keyspace
         except UpstreamError as exc:
             self._failed(member, exc)
             raise
@@ -245,10 +247,11 @@ class PeerPool:
         if not isinstance(node, Member):
             return None
         conn = self._conns.get(node.name)
-        if conn is not None and not conn.closed and conn.has_free_stream:
-            return conn
-        self._open(node)
-        return None
+        if conn is None or conn.closed:
+            self._open(node)
+            return None
+        # Out of stream ids: the read is served here rather than wait for the owner.
+        return conn if conn.has_free_stream else None
 
     async def acquire(self, node: Any = None) -> UpstreamConnection:
         """The connection to member `node`, once open; raises `UpstreamError`."""
