@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Final
 
 from uhashring import HashRing
@@ -93,7 +94,8 @@ class SidecarRing:
             raise ValueError(f"load_factor must be a finite number > 1.0, got {load_factor!r}")
         self.me = me
         self.vnodes = vnodes
-        self._load_factor = load_factor
+        # Exactly the decimal written, so 1.1 * 10 is 11 (not 11.000000000000002).
+        self._load_factor = None if load_factor is None else Fraction(repr(float(load_factor)))
         self._ring = HashRing(nodes=[], hash_fn=_position, vnodes=vnodes)
         self._members: dict[str, Member] = {}
         self._loads: dict[str, int] = {}

@@ -109,3 +109,14 @@ def test_bounded_loads_serve_here_once_the_owner_is_past_its_bound() -> None:
         ring.release(NAMES[2])
     free = SidecarRing(NAMES[0], NAMES[:4], vnodes=64)
     assert all(free.choose(token).name == NAMES[2] for _ in range(10))  # type: ignore[union-attr]
+
+
+def test_the_bound_is_exact_decimal_arithmetic() -> None:
+    ring = SidecarRing(NAMES[0], NAMES[:2], vnodes=8, load_factor=1.1)
+    token = ring.others[0].tokens[0]
+    for _ in range(55):
+        ring.acquire(NAMES[1])
+    for _ in range(44):
+        ring.acquire(NAMES[0])
+    # ceil(1.1 * 100 / 2) is 55, not 56 as 1.1 in binary floating point would make it.
+    assert ring.choose(token) is None
