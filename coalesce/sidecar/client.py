@@ -112,6 +112,12 @@ _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
 ).encode()
 
+# A run of identical requests: flight, opcode, frame flags, body size, body prefix, and
+# this connection's streams in the flight. Frames compressed or with a custom payload
+# (`_RAW` flags) are not compared as they come, so they start no run.
+_Run = tuple[Flight, int, int, int, bytes, list[int]]
+_RAW: Final = COMPRESSION | CUSTOM_PAYLOAD
+
 # Connection states.
 _NEW, _STARTING, _AUTHENTICATING, _AUTH_SENT, _READY, _REFUSED = range(6)
 
@@ -258,6 +264,11 @@ class ClientConnection(asyncio.Protocol):
         self.role = ""
         self.keyspace: str | None = None
         self.events: frozenset[str] = frozenset()  # REGISTERed event types
+        self._flags = 0  # of the frame being dispatched, as it came
+        self._opcode = self._size = 0  # of the request `_join_planned` joined, with its key
+        self._key = b""
+        # What the frame just dispatched joined, for the next one (`_dispatch_all`).
+        self._run: _Run | None = None
         self._pool: Pool | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -504,18 +515,67 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch_all(self, seq: int, read_at: float, frames: list[Frame]) -> int:
         """Dispatch `frames` (read by read `seq`) until the client is over a bound; the
-        rest goes to the front of the backlog. Returns how many were dispatched."""
+        rest goes to the front of the backlog. Returns how many were dispatched.
+
+        A herd arrives as runs of identical requests: a frame equal (but for its
+        timestamp) to the one dispatched just before it, which joined or started a
+        flight still joinable, joins that flight here, at the cost of a comparison and
+        an append; the counters of a run are settled when it ends.
+        """
         dispatch = self._dispatch
         max_requests = self._max_requests
+        max_waiters = self._proxy.flights.max_waiters
+        run: _Run | None = None
+        joined = 0
         for i, frame in enumerate(frames):
-            if self._closed:
+            if self._closed or self._write_paused or self._pending >= max_requests or (
+                    self._held >= self._max_held):
+                if joined:
+                    self._end_run(run, joined)
+                if not self._closed:
+                    self._backlog.appendleft((seq, read_at, frames[i:]))
+                    self._update_reading()
                 return i
-            if self._write_paused or self._pending >= max_requests or self._held >= self._max_held:
-                self._backlog.appendleft((seq, read_at, frames[i:]))
-                self._update_reading()
-                return i
+            if run is not None:
+                flight, opcode, flags, size, prefix, streams = run
+                body = frame[5]
+                if (frame[4] == opcode and frame[2] == flags and len(body) == size
+                        and frame[0] == 4 and body.startswith(prefix) and flight.joinable
+                        and (max_waiters is None or flight.count < max_waiters)):
+                    streams.append(frame[3])
+                    flight.count += 1
+                    self._pending += 1
+                    joined += 1
+                    continue
+                if joined:
+                    self._end_run(run, joined)
+                    joined = 0
+            self._run = None
             dispatch(frame)
+            run = self._run
+        if joined:
+            self._end_run(run, joined)
         return len(frames)
+
+    def _end_run(self, run: _Run | None, joined: int) -> None:
+        """Count the `joined` requests a run added to its flight (see `_dispatch_all`)."""
+        assert run is not None
+        proxy = self._proxy
+        proxy.stats.frames[run[1]] += joined
+        proxy.stats.merged += joined
+        proxy.flights.stats.joined += joined
+        proxy.in_flight += joined
+
+    def _join_run(self, flight: Flight, stream: int) -> None:
+        proxy = self._proxy
+        proxy.stats.merged += 1
+        if proxy.flights.join_flight(flight, self, stream):
+            self._joined(flight)
+            if not self._flags & _RAW:  # compressed or with a payload: compared decoded
+                self._run = (flight, self._opcode, self._flags, self._size, self._key,
+                             flight.waiters[self])
+        else:
+            self._write_error(stream, ErrorCode.OVERLOADED, "too many requests wait for this read")
 
     def _update_reading(self) -> None:
         """Read while within bounds and nothing waits in the backlog; keep the backlog
@@ -578,6 +638,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, frame: Frame) -> None:
         version, is_response, flags, stream, opcode, body = frame
+        self._flags = flags  # as it came: a run (`_dispatch_all`) compares frames as they come
         proxy = self._proxy
         proxy.stats.frames[opcode] += 1
         if version != 4:
@@ -626,7 +687,11 @@ class ClientConnection(asyncio.Protocol):
                         fast = self._fast[opcode]
                         if len(fast) >= _FAST_ENTRIES:
                             fast.clear()
-                        fast[body[:-8] if request.query_flags & _TIMESTAMP else body] = flight
+                        key = body[:-8] if request.query_flags & _TIMESTAMP else body
+                        fast[key] = flight
+                        if flight.joinable and not self._flags & _RAW:
+                            self._run = (flight, opcode, self._flags, len(body), key,
+                                         flight.waiters[self])
                 else:
                     self._execute(request, p)
                 return
@@ -653,7 +718,8 @@ class ClientConnection(asyncio.Protocol):
             4 + int.from_bytes(body[:4], "big", signed=True))
         if 2 + at >= len(body):
             return False
-        flight = self._fast[opcode].get(body[:-8] if body[at + 2] & _TIMESTAMP else body)
+        key = body[:-8] if body[at + 2] & _TIMESTAMP else body
+        flight = self._fast[opcode].get(key)
         if flight is None:
             return False
         proxy = self._proxy
@@ -664,11 +730,8 @@ class ClientConnection(asyncio.Protocol):
             proxy.flights.stats.joined += 1
             self._answer_now(stream, flight)
             return True
-        proxy.stats.merged += 1
-        if proxy.flights.join_flight(flight, self, stream):
-            self._joined(flight)
-        else:
-            self._write_error(stream, ErrorCode.OVERLOADED, "too many requests wait for this read")
+        self._opcode, self._size, self._key = opcode, len(body), key
+        self._join_run(flight, stream)
         return True
 
     def _unexpected(self, stream: int, opcode: int) -> None:
