@@ -528,20 +528,14 @@ class ClientConnection(asyncio.Protocol):
         run: _Run | None = None
         joined = 0
         for i, frame in enumerate(frames):
-            if self._closed or self._write_paused or self._pending >= max_requests or (
-                    self._held >= self._max_held):
-                if joined:
-                    self._end_run(run, joined)
-                if not self._closed:
-                    self._backlog.appendleft((seq, read_at, frames[i:]))
-                    self._update_reading()
-                return i
             if run is not None:
+                # Within a run nothing but `_pending` moves: no other bound is looked at.
                 flight, opcode, flags, size, prefix, streams = run
                 body = frame[5]
                 if (frame[4] == opcode and frame[2] == flags and len(body) == size
                         and frame[0] == 4 and body.startswith(prefix) and flight.joinable
-                        and (max_waiters is None or flight.count < max_waiters)):
+                        and (max_waiters is None or flight.count < max_waiters)
+                        and self._pending < max_requests):
                     streams.append(frame[3])
                     flight.count += 1
                     self._pending += 1
@@ -550,6 +544,13 @@ class ClientConnection(asyncio.Protocol):
                 if joined:
                     self._end_run(run, joined)
                     joined = 0
+                run = None
+            if self._closed or self._write_paused or self._pending >= max_requests or (
+                    self._held >= self._max_held):
+                if not self._closed:
+                    self._backlog.appendleft((seq, read_at, frames[i:]))
+                    self._update_reading()
+                return i
             self._run = None
             dispatch(frame)
             run = self._run
