@@ -19,20 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Flags the deployment examples use before the sidecar has them; each is removed
 # from here when its flag lands (the examples are then parsed in full).
-FUTURE_FLAGS = frozenset({"--membership"})
-
-
 def sidecar_config(args: Sequence[str], environ: Mapping[str, str] | None = None) -> SidecarConfig:
     """The `SidecarConfig` that `coalesce sidecar ARGS` would run with under `environ`.
 
-    Fails the test on a flag the sidecar does not know (other than `FUTURE_FLAGS`)
-    and raises `ConfigError` on a value it would refuse.
+    Fails the test on a flag the sidecar does not know and raises `ConfigError` on a
+    value it would refuse.
     """
     parser = argparse.ArgumentParser(prog="coalesce sidecar", exit_on_error=False)
     configure_parser(parser)
     parsed, unknown = parser.parse_known_args(list(args))
     flags = {item.split("=", 1)[0] for item in unknown if item.startswith("--")}
-    assert flags <= FUTURE_FLAGS, f"unknown sidecar flags {sorted(flags - FUTURE_FLAGS)}"
+    assert not flags, f"unknown sidecar flags {sorted(flags)}"
     return SidecarConfig.from_sources(parsed, environ=dict(environ or {}))
 
 
