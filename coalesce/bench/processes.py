@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,15 +42,48 @@ Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 class ServerStartError(RuntimeError):
-    """A server exited or did not become ready in time; the message has its last lines."""
+    """A server exited or did not become ready in time; the message has its last lines.
+
+    `address_in_use`: it could not bind its port (taken since `free_ports` chose it);
+    starting it again on other ports may well work.
+    """
+
+    def __init__(self, message: str, *, address_in_use: bool = False) -> None:
+        super().__init__(message)
+        self.address_in_use = address_in_use
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def free_ports(n: int) -> list[int]:
-    """`n` distinct loopback ports nothing listens on (all bound at once, then freed)."""
-    socks = [socket.socket() for _ in range(n)]
+    """`n` distinct loopback ports nothing listens on now (all bound at once, then freed).
+
+    Chosen below the kernel's ephemeral range when there is room: a port from that
+    range, once freed, may become the local end of any outgoing connection (ours
+    included) before the server that was meant to bind it does.
+    """
+    low, _ = _ephemeral_range()
+    candidates: list[int] = []
+    if low - 10_000 >= 4 * n:
+        candidates = random.sample(range(10_000, low), min(low - 10_000, 64 * n))
+    socks: list[socket.socket] = []
     try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
+        for port in [*candidates, *[0] * n]:
+            if len(socks) == n:
+                break
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            socks.append(sock)
         return [int(sock.getsockname()[1]) for sock in socks]
     finally:
         for sock in socks:
@@ -152,9 +186,11 @@ class ServerGroup:
         for port in (server.port, server.metrics_port):
             while True:
                 if server.popen.poll() is not None:
+                    tail = server.tail()
                     raise ServerStartError(
                         f"{server.name} exited with status {server.popen.returncode} "
-                        f"before listening on {port}:\n{server.tail()}")
+                        f"before listening on {port}:\n{tail}",
+                        address_in_use="address already in use" in tail.lower())
                 if time.monotonic() > deadline:
                     raise ServerStartError(
                         f"{server.name} not listening on {port} after "

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from coalesce.bench.herd import HerdConfig, HerdResult, _percentile
-from coalesce.bench.processes import Metrics, ServerGroup, ServerProcess, free_ports
+from coalesce.bench.processes import (
+    Metrics,
+    ServerGroup,
+    ServerProcess,
+    ServerStartError,
+    free_ports,
+)
 from coalesce.bench.wire import MAX_STREAMS, CqlError, HerdConnection
 from coalesce.cql import Execute, Opcode, QueryParameters, encode_frame
 from coalesce.cql.token import murmur3_token
@@ -178,20 +184,48 @@ async def run_sidecar_herd(
 # -- the servers ------------------------------------------------------------------------
 
 
+_START_ATTEMPTS = 3
+
+
 async def _start_emulator(group: ServerGroup, config: SidecarHerdConfig) -> ServerProcess:
-    port, metrics = free_ports(2)
-    emulator = group.start("emulator", [
-        "emulator", "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{metrics}",
-        "--shards", str(config.shards), "--read-latency", f"{round(config.herd.latency * 1e9)}ns",
-        "--write-latency", "0s", "--per-row", "0s",
-    ], port=port, metrics_port=metrics)
-    await group.ready(emulator)
-    return emulator
+    attempt = 1
+    while True:
+        port, metrics = free_ports(2)
+        emulator = group.start("emulator", [
+            "emulator", "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{metrics}",
+            "--shards", str(config.shards),
+            "--read-latency", f"{round(config.herd.latency * 1e9)}ns",
+            "--write-latency", "0s", "--per-row", "0s",
+        ], port=port, metrics_port=metrics)
+        try:
+            await group.ready(emulator)
+        except ServerStartError as exc:
+            await group.stop(emulator)
+            if not exc.address_in_use or attempt == _START_ATTEMPTS:
+                raise
+            attempt += 1
+            continue
+        return emulator
 
 
 async def _start_sidecars(group: ServerGroup, emulator: ServerProcess,
                           config: SidecarHerdConfig, *, ring: bool) -> list[ServerProcess]:
-    """`config.sidecars` sidecars in front of `emulator`: a ring of them or independent."""
+    """`config.sidecars` sidecars in front of `emulator`: a ring of them or independent.
+
+    All of them again, on new ports, if one finds its port taken (a ring's members
+    are told each other's ports before they start)."""
+    attempt = 1
+    while True:
+        try:
+            return await _try_start_sidecars(group, emulator, config, ring=ring)
+        except ServerStartError as exc:
+            if not exc.address_in_use or attempt == _START_ATTEMPTS:
+                raise
+            attempt += 1
+
+
+async def _try_start_sidecars(group: ServerGroup, emulator: ServerProcess,
+                              config: SidecarHerdConfig, *, ring: bool) -> list[ServerProcess]:
     ports = free_ports(2 * config.sidecars)
     listen, metrics = ports[::2], ports[1::2]
     peers = ",".join(f"127.0.0.1:{p}" for p in listen)
@@ -206,8 +240,12 @@ async def _start_sidecars(group: ServerGroup, emulator: ServerProcess,
         if config.uvloop:
             argv.append("--uvloop")
         servers.append(group.start(f"{kind}-{i}", argv, port=port, metrics_port=metrics_port))
-    for server in servers:
-        await group.ready(server)
+    try:
+        for server in servers:
+            await group.ready(server)
+    except ServerStartError:
+        await group.stop(*servers)
+        raise
     if ring:  # a static ring is whole at start; wait for it all the same, bounded
         deadline = time.monotonic() + group.start_timeout
         while True:
