@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -89,7 +91,16 @@ def _needs(module: str, what: str, extra: str) -> None:
 
 
 def _check_herd_args(args: argparse.Namespace) -> None:
-    if args.hosts or args.target == "emulator":
+    if args.sidecars is not None and args.target != "sidecar":
+        raise _CommandError("--sidecars goes with --target sidecar")
+    if args.target == "sidecar":
+        if args.hosts:
+            raise _CommandError("--target sidecar starts its own emulator; it takes no --hosts")
+        if args.sidecars is not None and args.sidecars < 2:
+            raise _CommandError("--sidecars needs at least 2 (the ring and its baseline "
+                                "of one sidecar)")
+        _needs("lz4", "--target sidecar", "bench,sidecar")
+    elif args.hosts or args.target == "emulator":
         if not args.hosts:
             _needs("lz4", "the built-in emulator", "bench")
         if not _installed("cassandra"):  # coalesce.bench.scylla imports it for either driver
@@ -130,14 +141,19 @@ def _bench_herd(args: argparse.Namespace) -> int:
             bar = tqdm(total=total, desc=mode, unit="caller", leave=False, file=sys.stderr)
         bar.update(done - bar.n)
 
-    async def run(target: Any, reads: dict[str, Any]) -> list[Any]:
-        results = await herd.run_herd(config, target, reads, progress=progress)
+    def bar_close() -> None:
         if bar is not None:
             bar.close()
+
+    async def run(target: Any, reads: dict[str, Any]) -> list[Any]:
+        results = await herd.run_herd(config, target, reads, progress=progress)
+        bar_close()
         return results
 
     async def main() -> int:
         target_name = "scylla" if args.hosts else args.target
+        if target_name == "sidecar":
+            return await _sidecar_herd(args, config, progress, bar_close)
         if target_name == "inprocess":
             target: Any = herd.HotPartition(config.latency)
             reads = {"direct": target.read, "coalesced": herd.single_flight_read(target)}
@@ -180,6 +196,58 @@ def _bench_herd(args: argparse.Namespace) -> int:
     return run_loop(main, args.uvloop)
 
 
+async def _sidecar_herd(args: argparse.Namespace, config: Any,
+                        progress: Callable[[str, int, int], None],
+                        bar_close: Callable[[], None]) -> int:
+    """`bench herd --target sidecar`: the four scenarios through sidecar processes.
+
+    SIGTERM, like Ctrl-C, stops the run and every process it started.
+    """
+    from coalesce.bench import herd, sidecars
+    from coalesce.bench.processes import ServerStartError
+    from coalesce.bench.wire import CqlError
+
+    try:
+        setup = sidecars.SidecarHerdConfig(
+            herd=config, sidecars=args.sidecars or 3, shards=args.shards, uvloop=args.uvloop)
+    except ValueError as exc:
+        raise _CommandError(str(exc)) from None
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        results = await sidecars.run_sidecar_herd(setup, progress=progress)
+    except asyncio.CancelledError:
+        if terminated:
+            raise _CommandError("terminated", status=143) from None
+        raise
+    except (ServerStartError, CqlError, TimeoutError, KeyError) as exc:
+        raise _CommandError(str(exc).strip("'\""), status=1) from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        bar_close()
+    title = (f"{config.callers:,} concurrent reads of {config.channels} hot channel(s) "
+             f"through {setup.sidecars} sidecar processes in front of the emulator, "
+             f"{config.latency * 1e3:g} ms per read")
+    print(title)
+    print(sidecars.format_table(results))
+    print(sidecars.format_goals(results, setup.sidecars))
+    if args.json:
+        herd.write_json(results, args.json, title=title, config=dataclasses.asdict(setup))
+    if args.plot:
+        herd.plot(results, args.plot, title)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="coalesce", description="Single-flight request coalescing in front of ScyllaDB."
@@ -191,16 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     scenarios = bench.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     herd = scenarios.add_parser(
         "herd", help="N concurrent reads of one hot key, with and without coalescing",
-        usage="%(prog)s [--callers N] [--latency DURATION] [--target {emulator,inprocess} | "
-              "--hosts HOST[:PORT],...] [options]",
+        usage="%(prog)s [--callers N] [--latency DURATION] "
+              "[--target {emulator,inprocess,sidecar} | --hosts HOST[:PORT],...] [options]",
     )
     herd.add_argument("--callers", type=positive_int, default=10_000,
                       help="concurrent callers (default 10,000)")
     herd.add_argument("--latency", type=parse_duration, default=0.001,
                       help="service time of one upstream read (default 1ms)")
-    herd.add_argument("--target", choices=["emulator", "inprocess"], default="emulator",
+    herd.add_argument("--target", choices=["emulator", "inprocess", "sidecar"],
+                      default="emulator",
                       help="emulator: the built-in Scylla emulator through a real driver "
-                           "(default); inprocess: a bare in-process hot partition")
+                           "(default); inprocess: a bare in-process hot partition; "
+                           "sidecar: sidecar processes in front of an emulator process, "
+                           "as one sidecar, a ring (token-aware and round-robin clients) "
+                           "and independent sidecars, loaded by raw pipelined CQL "
+                           "connections (--driver, --instances, --routing do not apply)")
+    herd.add_argument("--sidecars", type=positive_int, metavar="K",
+                      help="with --target sidecar: sidecar processes of the ring and of "
+                           "the independent run (default 3)")
     herd.add_argument("--driver", choices=["cassandra-driver", "acsylla"],
                       default="cassandra-driver", help="driver for the emulator or --hosts")
     herd.add_argument("--hosts", type=_hosts,
@@ -218,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip the uncoalesced run (it takes callers x latency)")
     herd.add_argument("--json", type=Path, help="write the results as JSON here")
     herd.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
-    herd.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    herd.add_argument("--uvloop", action="store_true",
+                      help="run on uvloop (with --target sidecar, the sidecars too)")
     herd.add_argument("--quiet", action="store_true", help="no progress bar")
     herd.set_defaults(run=_bench_herd, parser=herd)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import textwrap
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -223,11 +224,11 @@ def format_table(results: list[HerdResult]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: list[HerdResult], path: Path, **extra: Any) -> None:
+def write_json(results: Sequence[HerdResult], path: Path, **extra: Any) -> None:
     path.write_text(json.dumps({**extra, "results": [r.summary() for r in results]}, indent=2))
 
 
-def plot(results: list[HerdResult], path: Path, title: str) -> None:
+def plot(results: Sequence[HerdResult], path: Path, title: str) -> None:
     """Two panels: upstream reads per mode, and each mode's caller latency CDF."""
     try:
         import matplotlib
@@ -238,7 +239,7 @@ def plot(results: list[HerdResult], path: Path, title: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install 'coalesce[plot]'") from exc
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [r.mode for r in results]
+    labels = [textwrap.fill(r.mode, 16) for r in results]
     bars = left.bar(labels, [max(r.upstream_reads, 1) for r in results], color=_colors(results))
     left.set_yscale("log")
     left.set_ylabel("upstream reads (log)")
@@ -261,8 +262,11 @@ def plot(results: list[HerdResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _colors(results: list[HerdResult]) -> list[str]:
-    palette = {"direct": "#d62728", "coalesced": "#2ca02c"}
-    return [palette.get(r.mode.split()[0], "#1f77b4") for r in results]
+def _colors(results: Sequence[HerdResult]) -> list[str]:
+    palette = {"direct": "#d62728", "coalesced": "#2ca02c", "one sidecar": "#2ca02c",
+               "ring, token-aware": "#1f77b4", "ring, round-robin": "#9467bd",
+               "independent": "#d62728"}
+    return [next((color for name, color in palette.items() if r.mode.startswith(name)),
+                 "#1f77b4") for r in results]
 
 
