@@ -264,6 +264,10 @@ class ClientConnection(asyncio.Protocol):
         self.role = ""
         self.keyspace: str | None = None
         self.events: frozenset[str] = frozenset()  # REGISTERed event types
+        # It sent a hop-marked read (a ring member does): its frames skip the ingest
+        # budget. A client that marks its reads gains one read's worth of frames
+        # dispatched at once, within its own bounds.
+        self._member = False
         self._flags = 0  # of the frame being dispatched, as it came
         self._opcode = self._size = 0  # of the request `_join_planned` joined, with its key
         self._key = b""
@@ -344,7 +348,9 @@ class ClientConnection(asyncio.Protocol):
             if frames:
                 self._backlog.append((seq, now, frames))
             return
-        budget = proxy.take_budget(len(frames))
+        # A ring member's reads are one per flight of its own herd: they must meet the
+        # flight here while it is in flight, not wait behind client backlogs.
+        budget = len(frames) if self._member else proxy.take_budget(len(frames))
         if budget < len(frames):
             self._backlog.append((seq, now, frames[budget:]))
             frames = frames[:budget]
@@ -661,6 +667,7 @@ class ClientConnection(asyncio.Protocol):
                         body = body[_HOP_SIZE:]
                         flags &= ~_CUSTOM_PAYLOAD
                         hop = True
+                        self._member = True
                         proxy.stats.ring_served += 1
                     elif opcode == _QUERY and body.startswith(FORGET_PREFIX):
                         self._on_forget(stream, body)
