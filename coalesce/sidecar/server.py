@@ -25,6 +25,7 @@ from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.errors import ConfigError
 from coalesce.sidecar.flights import Flights
 from coalesce.sidecar.members import SidecarRing, member_name
+from coalesce.sidecar.membership import Membership, membership_for
 from coalesce.sidecar.metrics_http import serve_metrics
 from coalesce.sidecar.proxy import Proxy
 from coalesce.sidecar.stats import SidecarStats, register_stats
@@ -97,6 +98,7 @@ class Sidecar:
         self.metrics_port: int | None = None
         self.max_connections = 0
         self._draining = False
+        self._membership: Membership | None = None
 
     async def __aenter__(self) -> Sidecar:
         await self.start()
@@ -151,6 +153,11 @@ class Sidecar:
         config = self.config
         loop = asyncio.get_running_loop()
         client_tls = _client_ssl(config)
+        if config.peers is not None or config.membership is not None:
+            if client_tls is not None:
+                raise ConfigError("a ring of sidecars with client TLS is not supported yet: "
+                                  "members would need to verify each other's certificates")
+            membership_for(config, "127.0.0.1:0", _nothing)  # a bad URL fails before binding
         self.max_connections = connection_limit(config)
         upstream = Upstream(config)
         proxy = Proxy(config, upstream, Identity("127.0.0.1", 0), registry=self.registry)
@@ -180,13 +187,14 @@ class Sidecar:
             self.metrics_port = self._metrics.sockets[0].getsockname()[1]
 
     async def _join_ring(self, proxy: Proxy, me: str) -> None:
+        """Start in a ring of one (this sidecar) and let membership say the rest: until a
+        DNS or etcd source answers, this sidecar serves every read itself."""
         config = self.config
-        if config.tls_cert is not None:
-            raise ConfigError("a ring of sidecars with client TLS is not supported yet: "
-                              "members would need to verify each other's certificates")
-        proxy.join_ring(SidecarRing(me, vnodes=config.vnodes, load_factor=config.load_factor))
-        if config.peers is not None:
-            proxy.ring_changed(tuple(member_name(host, port) for host, port in config.peers))
+        proxy.join_ring(SidecarRing(me, (me,), vnodes=config.vnodes,
+                                    load_factor=config.load_factor))
+        self._membership = membership_for(config, me, proxy.ring_changed)
+        assert self._membership is not None
+        await self._membership.start()
 
     @property
     def ring(self) -> SidecarRing | None:
@@ -218,7 +226,11 @@ class Sidecar:
         return finished
 
     async def stop(self) -> None:
-        """Close the listener, every client and upstream connection, and the endpoint."""
+        """Leave the ring; close the listener, every client and upstream connection, and
+        the endpoint."""
+        if self._membership is not None:
+            await self._membership.close()  # etcd: the others see this member leave now
+            self._membership = None
         if self._server is not None:
             self._server.close()
         for client in list(self._clients):
@@ -245,6 +257,10 @@ class Sidecar:
     def _require_proxy(self) -> Proxy:
         assert self._proxy is not None, "the sidecar is not started"
         return self._proxy
+
+
+def _nothing(names: tuple[str, ...]) -> None:
+    return None
 
 
 def _client_ssl(config: SidecarConfig) -> ssl.SSLContext | None:

@@ -86,9 +86,10 @@ async def ring_stack() -> AsyncIterator[MakeRing]:
                           **(emulator or {})})
         await emu.start()
         ports = _free_ports(n)
-        peers = tuple(("127.0.0.1", p) for p in ports)
+        if "membership" not in config:
+            config["peers"] = tuple(("127.0.0.1", p) for p in ports)
         sidecars = [Sidecar(sidecar_config((emu.host, emu.port), listen=("127.0.0.1", p),
-                                           peers=peers, vnodes=16, **config))
+                                           vnodes=16, **config))
                     for p in ports]
         ring = Ring(emu, [])
         made.append(ring)
