@@ -85,7 +85,7 @@ def read_forget(body: bytes) -> tuple[StatementInfo, str | None, bytes | None] |
         partition = message["partition"]
         return (info, _text(message["session_keyspace"]),
                 None if partition is None else bytes.fromhex(_req_text(partition)))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: RecursionError
         return None
 
 

@@ -206,12 +206,7 @@ MALFORMED_FORGETS = {
 }
 
 
-_NESTED = pytest.mark.xfail(strict=True, reason="RecursionError escapes read_forget")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=_NESTED) if name.endswith(("nested", "object")) else name
-    for name in sorted(MALFORMED_FORGETS)])
+@pytest.mark.parametrize("name", sorted(MALFORMED_FORGETS))
 async def test_a_malformed_forget_is_refused_as_invalid_and_the_connection_carries_on(
     ring_stack: MakeRing, name: str,
 ) -> None:
