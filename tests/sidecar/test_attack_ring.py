@@ -77,7 +77,6 @@ async def _write(client: RawClient, query_id: bytes, key: int, value: str) -> No
 # -- what system.local and system.peers tell everybody else -----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="an aliased system.local read sets the peers cells")
 async def test_an_aliased_system_local_read_does_not_change_the_peers_rows_others_see(
     ring_stack: MakeRing,
 ) -> None:
