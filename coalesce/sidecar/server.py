@@ -186,7 +186,9 @@ class Sidecar:
                               "members would need to verify each other's certificates")
         proxy.join_ring(SidecarRing(me, vnodes=config.vnodes, load_factor=config.load_factor))
         if config.peers is not None:
-            proxy.ring_changed(tuple(member_name(host, port) for host, port in config.peers))
+            # Names are IP literals, as each member's own is (and inet columns need).
+            proxy.ring_changed(tuple([member_name(await _ip_literal(host, "peers"), port)
+                                      for host, port in config.peers]))
 
     @property
     def ring(self) -> SidecarRing | None:
@@ -258,7 +260,7 @@ def _client_ssl(config: SidecarConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def _ip_literal(address: str) -> str:
+async def _ip_literal(address: str, setting: str = "advertise") -> str:
     """`address` as an IP literal (``system.local`` columns are of type inet)."""
     try:
         return str(ipaddress.ip_address(address))
@@ -268,5 +270,5 @@ async def _ip_literal(address: str) -> str:
     try:
         infos = await loop.getaddrinfo(address, None, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConfigError(f"advertise: cannot resolve {address!r}: {exc}") from None
+        raise ConfigError(f"{setting}: cannot resolve {address!r}: {exc}") from None
     return str(infos[0][4][0])

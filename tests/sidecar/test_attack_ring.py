@@ -137,7 +137,6 @@ async def test_odd_system_peers_and_local_queries_get_an_answer_and_keep_the_con
 
 @pytest.mark.skipif(socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0]
                     != "127.0.0.1", reason="localhost is not 127.0.0.1 first here")
-@pytest.mark.xfail(strict=True, reason="a host name fails the start (inet encoding)")
 async def test_members_named_by_host_name_or_listed_twice_form_one_ring() -> None:
     """``--peers`` takes host names (``sidecar-0.svc:9042``). Every member's own name is
     its advertised address as an IP literal, and system.peers and topology events carry
