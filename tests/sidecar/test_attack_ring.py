@@ -570,7 +570,6 @@ class _Forgetful(StatementCache):
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="the owner's second UNPREPARED reaches the client")
 async def test_an_owner_that_keeps_forgetting_the_statement_costs_one_reprepare_then_here(
     ring_stack: MakeRing, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -596,7 +595,6 @@ async def test_an_owner_that_keeps_forgetting_the_statement_costs_one_reprepare_
     await client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the owner's OVERLOADED reaches another member's client")
 async def test_an_owner_shedding_load_does_not_refuse_another_members_clients(
     ring_stack: MakeRing,
 ) -> None:
