@@ -18,8 +18,10 @@ Two kinds of request carry a custom payload of ours (the CQL way to add to a req
   any member afterwards starts fresh. It is answered at once; its only effect is that
   later reads start fresh, no more than the write itself causes.
 
-A member that cannot be reached (refused, or no answer within ``peer_timeout``) is
-left alone for a back-off that doubles per failure (``reconnect_delay`` up to
+A member that cannot be reached (refused, or no answer within ``peer_timeout``), or
+that stops answering on an open connection (a forget unanswered within
+``peer_timeout``, a read within ``request_timeout + peer_timeout``), is left alone
+for a back-off that doubles per failure (``reconnect_delay`` up to
 ``reconnect_max_delay``); meanwhile reads it owns are served by the member that got
 them. Connections are opened on demand, one per (member, role, keyspace), at most
 ``max_pools`` (role, keyspace) pools, least recently used closed first. Single event
@@ -39,7 +41,12 @@ from coalesce.cql._wire import w_bytes_map
 from coalesce.cql.classify import StatementInfo
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.connection import UpstreamConnection
-from coalesce.sidecar.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
+from coalesce.sidecar.errors import (
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from coalesce.sidecar.members import Member, SidecarRing
 
 if TYPE_CHECKING:
@@ -176,7 +183,9 @@ class Peers:
             conn = await UpstreamConnection.connect(
                 member.host, member.port, node=member.name, timeout=timeout,
                 max_frame_size=max(config.max_frame_size, 256 * 1024 * 1024),
-                request_timeout=config.request_timeout)
+                # The owner answers its own upstream timeout by then: past this, it is
+                # the member that does not answer (`PeerPool._timed_out`).
+                request_timeout=config.request_timeout + timeout)
             try:
                 async with asyncio.timeout(timeout):
                     await conn.login(upstream.credentials(role), timeout)
@@ -277,11 +286,16 @@ class PeerPool:
 
     async def tell(self, member: Member, body: bytes) -> bool:
         """Send a forget to `member`; whether it answered within ``peer_timeout``."""
+        conn = None
         try:
             async with asyncio.timeout(self.upstream.config.peer_timeout):
                 conn = await self.acquire(member)
                 reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
-        except (UpstreamError, TimeoutError):
+        except TimeoutError:
+            if conn is not None:  # logged in, and now a forget goes unanswered
+                self._timed_out(member, conn)
+            return False
+        except UpstreamError:
             return False
         return reply.opcode == Opcode.RESULT
 
@@ -325,6 +339,13 @@ class PeerPool:
             old.close()
         self._conns[member.name] = conn
         conn.on_close = self._closed_one
+        conn.on_timeout = lambda c: self._timed_out(member, c)
+
+    def _timed_out(self, member: Member, conn: UpstreamConnection) -> None:
+        """`member` stopped answering on `conn` (frozen, SIGSTOPped): close it, and leave
+        the member alone for its back-off as if it could not be reached."""
+        conn.close("the ring member stopped answering")
+        self.upstream._failed(member, UpstreamTimeout(f"{member.name}: stopped answering"))
 
     def _closed_one(self, conn: UpstreamConnection) -> None:
         if self._conns.get(conn.node) is conn:

@@ -511,7 +511,6 @@ async def test_a_member_that_accepts_but_never_answers_costs_one_bounded_wait(
     await client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a peer connection that stops answering is never given up")
 async def test_a_member_frozen_after_its_connections_opened_is_left_alone_after_one_timeout(
     ring_stack: MakeRing, fake_member: FakeMember,
 ) -> None:
@@ -540,7 +539,6 @@ async def test_a_member_frozen_after_its_connections_opened_is_left_alone_after_
     await client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a peer connection that stops answering is never given up")
 async def test_a_member_frozen_for_reads_only_is_left_alone_after_one_timeout(
     ring_stack: MakeRing, fake_member: FakeMember,
 ) -> None:
@@ -553,7 +551,7 @@ async def test_a_member_frozen_for_reads_only_is_left_alone_after_one_timeout(
     client = await ring.client(0)
     read_id = (await client.prepare(READ)).query_id
     took, frame = await _timed(client.send_execute(read_id, [_int(key)]))
-    assert rows_of(frame) == [] and took >= 0.6  # the login worked; the read never answered
+    assert rows_of(frame) == [] and took >= 0.6 + 0.3  # logged in; the read never answered
     took, frame = await _timed(client.send_execute(read_id, [_int(key)]))
     assert rows_of(frame) == []
     assert took < 0.15, f"the next read waited {took:.2f}s for the frozen member again"
