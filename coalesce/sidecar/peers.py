@@ -272,7 +272,14 @@ class PeerPool:
         task = self._opening.get(node.name)
         if task is None:
             raise UpstreamUnavailable(f"{node.name}: backing off after a failure")
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this caller is cancelled
+            # The login was given up: the pool evicted (past max_pools), the member gone.
+            raise UpstreamUnavailable(f"{node.name}: the connection was given up") from None
 
     async def for_keyspace(self, conn: UpstreamConnection, keyspace: str | None
                            ) -> UpstreamConnection | None:
@@ -286,14 +293,22 @@ class PeerPool:
 
     async def tell(self, member: Member, body: bytes) -> bool:
         """Send a forget to `member`; whether it answered within ``peer_timeout``."""
-        conn = None
+        pool, conn = self, None
         try:
             async with asyncio.timeout(self.upstream.config.peer_timeout):
-                conn = await self.acquire(member)
-                reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
+                while True:
+                    try:
+                        conn = await pool.acquire(member)
+                        reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
+                        break
+                    except UpstreamError:
+                        if pool is not self or not self._closed or self.upstream._closed:
+                            raise
+                        # Evicted meanwhile (past max_pools): once more, on a pool of its own.
+                        pool, conn = self.upstream.pool(self.role, self.keyspace), None
         except TimeoutError:
             if conn is not None:  # logged in, and now a forget goes unanswered
-                self._timed_out(member, conn)
+                pool._timed_out(member, conn)
             return False
         except UpstreamError:
             return False

@@ -656,7 +656,6 @@ async def test_many_roles_and_keyspaces_open_at_most_max_pools_peer_pools(
         await eventually(lambda o=other: len(o._clients) <= 2)  # type: ignore[misc]
 
 
-@pytest.mark.xfail(strict=True, reason="an evicted pool's cancelled login escapes")
 async def test_a_pool_evicted_while_a_forget_opens_does_not_lose_the_forget(
     ring_stack: MakeRing,
 ) -> None:
