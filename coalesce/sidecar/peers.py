@@ -252,6 +252,29 @@ class PeerPool:
         return f"<PeerPool role={self.role!r} keyspace={self.keyspace!r}>"
 
     def pick(self, node: Any = None, shard: int | None = None) -> UpstreamConnection | None:
+        """The open connection to member `node` if it takes one more read (`_takes`),
+        else None (and one being opened if none is)."""
+        conn = self._open_conn(node)
+        return conn if conn is not None and self._takes(conn) else None
+
+    async def acquire(self, node: Any = None) -> UpstreamConnection:
+        """The connection to member `node` for one more read, once open; raises
+        `UpstreamError` (so that the read is served here) if it does not take one."""
+        conn = await self._connection(node)
+        if not self._takes(conn):
+            raise UpstreamUnavailable(f"{conn.node}: as many requests in flight as it takes")
+        return conn
+
+    def _takes(self, conn: UpstreamConnection) -> bool:
+        """Whether `conn` takes one more read rather than it be served here: it has a
+        free stream id and fewer requests in flight than the owner takes from one client
+        (``max_client_requests``, the same on every member) less one. Past that the owner
+        stops reading the connection, and a read or a forget sent behind would wait for
+        the ones before it."""
+        return (conn.has_free_stream
+                and conn.in_flight < self.upstream.config.max_client_requests - 1)
+
+    def _open_conn(self, node: Any) -> UpstreamConnection | None:
         """The open connection to member `node`, None (and one being opened) if none."""
         if not isinstance(node, Member):
             return None
@@ -259,14 +282,13 @@ class PeerPool:
         if conn is None or conn.closed:
             self._open(node)
             return None
-        # Out of stream ids: the read is served here rather than wait for the owner.
-        return conn if conn.has_free_stream else None
+        return conn
 
-    async def acquire(self, node: Any = None) -> UpstreamConnection:
-        """The connection to member `node`, once open; raises `UpstreamError`."""
+    async def _connection(self, node: Any) -> UpstreamConnection:
+        """The connection to member `node` (however busy), once open."""
         if not isinstance(node, Member):
             raise UpstreamUnavailable("no ring member to send to")
-        conn = self.pick(node)
+        conn = self._open_conn(node)
         if conn is not None:
             return conn
         task = self._opening.get(node.name)
@@ -298,7 +320,8 @@ class PeerPool:
             async with asyncio.timeout(self.upstream.config.peer_timeout):
                 while True:
                     try:
-                        conn = await pool.acquire(member)
+                        # Answered at once, a forget may go where a read may not.
+                        conn = await pool._connection(member)
                         reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
                         break
                     except UpstreamError:
