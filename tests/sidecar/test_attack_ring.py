@@ -656,6 +656,54 @@ async def test_many_roles_and_keyspaces_open_at_most_max_pools_peer_pools(
         await eventually(lambda o=other: len(o._clients) <= 2)  # type: ignore[misc]
 
 
+@pytest.mark.xfail(strict=True, reason="a refused peer login is tried again for every read")
+async def test_a_role_the_owner_refuses_costs_a_login_per_back_off_not_per_read(
+    ring_stack: MakeRing, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mallory's password is rotated while her session stays (sessions outlive it). Her
+    forwarded reads log in at their owner with the token she logged in with, which
+    Scylla now refuses: the member is not backed off (it is fine for other roles), and
+    every read of hers cost a connection to the owner, and one from the owner to Scylla
+    with a password check, then was served here: 200 reads, 200 logins."""
+    setup = [*ROLES, "GRANT SELECT ON KEYSPACE ks TO mallory"]
+    ring = await ring_stack(3, emulator={"auth": True}, setup=setup, credentials=ADMIN,
+                            reconnect_delay=5.0, reconnect_max_delay=10.0)
+    owner = ring.sidecars[2]
+    key = _key_owned_by(ring, _name(owner))
+    upstream = owner._upstream
+    assert upstream is not None
+    logins = 0
+    open_login = upstream.open_login
+
+    async def counted() -> Any:
+        nonlocal logins
+        logins += 1
+        return await open_login()
+
+    monkeypatch.setattr(upstream, "open_login", counted)
+    mallory = await ring.client(0, credentials=("mallory", "mallory-pw"))
+    read_id = (await mallory.prepare(READ)).query_id
+    assert rows_of(await mallory.send_execute(read_id, [_int(key)])) == []
+    assert logins == 1  # her peer connection to the owner
+    admin = await ring.client(1, credentials=ADMIN)
+    await admin.query("ALTER ROLE mallory WITH PASSWORD = 'rotated'")
+    peers = ring.sidecars[0]._require_proxy().peers
+    assert peers is not None
+    for pool in peers._pools.values():  # as when the owner restarts
+        pool.close()
+    peers._pools.clear()
+    for _ in range(200):
+        frame = await asyncio.wait_for(mallory.send_execute(read_id, [_int(key)]), BOUND)
+        assert rows_of(frame) == []
+    assert logins <= 2, f"200 reads cost {logins - 1} logins at the owner"
+    honest = await ring.client(0, credentials=("alice", "alice-pw"))
+    alice_id = (await honest.prepare(READ)).query_id
+    assert rows_of(await honest.send_execute(alice_id, [_int(key)])) == []
+    assert owner.stats.ring_served >= 2  # the member still forwards other roles' reads
+    for c in (mallory, admin, honest):
+        await c.close()
+
+
 async def test_a_pool_evicted_while_a_forget_opens_does_not_lose_the_forget(
     ring_stack: MakeRing,
 ) -> None:
