@@ -23,7 +23,9 @@ that stops answering on an open connection (a forget unanswered within
 ``peer_timeout``, a read within ``request_timeout + peer_timeout``), is left alone
 for a back-off that doubles per failure (``reconnect_delay`` up to
 ``reconnect_max_delay``); meanwhile reads it owns are served by the member that got
-them. Connections are opened on demand, one per (member, role, keyspace), at most
+them. A member that refuses a role's login is not backed off (it serves other
+roles), but that role's pool does not try it again before a back-off of its own.
+Connections are opened on demand, one per (member, role, keyspace), at most
 ``max_pools`` (role, keyspace) pools, least recently used closed first. Single event
 loop.
 """
@@ -246,6 +248,8 @@ class PeerPool:
         self.keyspace = keyspace
         self._conns: dict[str, UpstreamConnection] = {}
         self._opening: dict[str, asyncio.Task[UpstreamConnection]] = {}
+        # Member -> (logins it refused in a row, when to try again).
+        self._refused: dict[str, tuple[int, float]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -359,6 +363,9 @@ class PeerPool:
         if (member.name in self._opening or self._closed or peers._closed
                 or not peers.reachable(member)):
             return
+        refused = self._refused.get(member.name)
+        if refused is not None and asyncio.get_running_loop().time() < refused[1]:
+            return  # it refused this role (or keyspace) lately: reads are served here
         task = peers.spawn(peers.connect(member, self.role, self.keyspace))
         self._opening[member.name] = task
         task.add_done_callback(lambda t: self._opened(member, t))
@@ -366,8 +373,19 @@ class PeerPool:
     def _opened(self, member: Member, task: asyncio.Task[UpstreamConnection]) -> None:
         if self._opening.get(member.name) is task:
             del self._opening[member.name]
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled():
             return
+        if isinstance(task.exception(), UpstreamRefused):
+            # The member answers, and refuses this role: not tried again for every read
+            # (each try is a login at Scylla), but after a back-off of this pool's own.
+            config = self.upstream.config
+            count = self._refused.get(member.name, (0, 0.0))[0] + 1
+            delay = min(config.reconnect_max_delay,
+                        config.reconnect_delay * 2 ** min(count - 1, 30))
+            self._refused[member.name] = (count, asyncio.get_running_loop().time() + delay)
+        if task.exception() is not None:
+            return
+        self._refused.pop(member.name, None)
         conn = task.result()
         if self._closed or self.upstream.ring.member(member.name) is None:
             conn.close()
