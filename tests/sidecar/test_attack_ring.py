@@ -796,7 +796,10 @@ async def test_a_client_filling_a_members_connection_slots_cannot_make_a_read_st
     the writing member from logging in there (the owner answers OVERLOADED), while
     another member's connection, opened before, still forwards reads to it: a read
     after the write, through that member, joined the owner's flight that started before
-    the write."""
+    the write. Not a local fix: the members that did forget would have to learn which
+    one missed it and stop sending it the written partitions for ``request_timeout``
+    (or the write wait that long); the same hole opens for any partial partition
+    (the writer cannot reach the owner, the others can)."""
     ring = await ring_stack(3, max_connections=8)
     owner = ring.sidecars[2]
     key = _key_owned_by(ring, _name(owner))
