@@ -13,12 +13,15 @@ A lone sidecar advertises every token of the upstream ring (`advertised_tokens`)
 owns everything; a member of a ring advertises its own ring positions. A column is only
 replaced when it has the type the system table gives it, so a projection that renames
 columns (``SELECT host_id AS tokens ...``) comes back as Scylla sent it instead of
-failing. The peers tables' rows are every other member whatever the query's WHERE
-clause says (drivers read the whole table).
+failing. Nor are the cells of such a query recorded for the peers rows that every
+client sees (``cluster_name AS data_center`` would move the other members into another
+data center for every driver). The peers tables' rows are every other member whatever
+the query's WHERE clause says (drivers read the whole table).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ __all__ = [
     "advertised_tokens",
     "host_id_for",
     "peer_rows",
+    "renames_columns",
     "rewrite_local",
 ]
 
@@ -53,6 +57,7 @@ Tokens = Callable[[frozenset[str]], frozenset[str]]
 CLUSTER_TABLES: Final = frozenset({"local", "peers", "peers_v2"})
 """Tables of the ``system`` keyspace the sidecar answers about itself."""
 
+_ALIAS: Final = re.compile(r"\bas\b", re.IGNORECASE)
 _NAMESPACE: Final = uuid.UUID("6f1c3f3e-9a55-4c6e-9f1e-2b1d6c0a5e11")
 _ADDRESS_COLUMNS: Final = ("rpc_address", "broadcast_address", "listen_address",
                            "native_address", "preferred_ip")
@@ -96,6 +101,13 @@ def advertised_tokens(ring: Ring, seen: Iterable[str] = ()) -> frozenset[str]:
     been learned yet). A ring of sidecars would return only this sidecar's share.
     """
     return frozenset(str(t) for t in ring.tokens()) | frozenset(seen)
+
+
+def renames_columns(query: str) -> bool:
+    """Whether a query may put a column under another one's name (``x AS y``): its cells
+    are then not what their names say. Any word ``as`` counts, even in a string or a
+    cast: a query wrongly suspected only goes unrecorded."""
+    return _ALIAS.search(query) is not None
 
 
 def rewrite_local(

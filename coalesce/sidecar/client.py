@@ -71,7 +71,7 @@ from coalesce.cql import (
 from coalesce.cql import Unprepared as UnpreparedDetails
 from coalesce.cql.request import Request
 from coalesce.cql.token import murmur3_token
-from coalesce.sidecar.advertised import peer_rows, rewrite_local
+from coalesce.sidecar.advertised import peer_rows, renames_columns, rewrite_local
 from coalesce.sidecar.connection import Outcome
 from coalesce.sidecar.errors import UpstreamError, UpstreamRefused
 from coalesce.sidecar.exchange import Exchange
@@ -153,7 +153,7 @@ class _Forward(Exchange):
             if p.learn:
                 _learn(proxy, outcome, self.text, self.pool.keyspace)
             elif p.rewrite is not None:
-                outcome = _rewrite(proxy, outcome, p)
+                outcome = _rewrite(proxy, outcome, p, self.text)
         if p.writes is not None:  # done or failed: it may have been applied either way
             proxy.flights.freshness.written_by(p.writes, p.keyspace, self.partition)
             peers = proxy.peers
@@ -198,14 +198,20 @@ def _learn(proxy: Proxy, frame: Frame, text: str | None, keyspace: str | None) -
         proxy.statements.learn(text, keyspace, body)
 
 
-def _rewrite(proxy: Proxy, frame: Frame, p: Forward) -> Outcome:
-    """Rows of ``system.local`` describing this sidecar, the peers tables the others."""
+def _rewrite(proxy: Proxy, frame: Frame, p: Forward, text: str | None) -> Outcome:
+    """Rows of ``system.local`` describing this sidecar, the peers tables the others.
+
+    Scylla's ``system.local`` cells are recorded for the peers rows every client sees,
+    but not from a query that may rename columns (`renames_columns`)."""
     try:
         extras, result = split_extras(frame.flags, frame.body, response=True)
         columns = p.statement.result_columns if p.statement is not None else ()
         if p.rewrite == "local":
+            if text is None and p.statement is not None:
+                text = p.statement.query
+            cluster = proxy.cluster if text is not None and not renames_columns(text) else None
             result = rewrite_local(result, proxy.identity, proxy.advertised_tokens, columns,
-                                   proxy.cluster)
+                                   cluster)
         else:
             result = peer_rows(result, proxy.peer_members(), proxy.identity, columns,
                                proxy.cluster)

@@ -34,11 +34,11 @@ from collections import deque
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from coalesce.cql import COMPRESSION, Frame, compress_body
+from coalesce.cql import COMPRESSION, ErrorCode, Frame, compress_body
 from coalesce.freshness import FreshnessIndex
 from coalesce.metrics import FlightStats
 from coalesce.sidecar.errors import UpstreamError
-from coalesce.sidecar.exchange import Exchange
+from coalesce.sidecar.exchange import Exchange, error_code
 from coalesce.sidecar.statements import KnownStatement
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ __all__ = ["FULL", "Answer", "Flight", "Flights", "Ingest", "Waiter"]
 
 _log = logging.getLogger(__name__)
 _RESPONSE_V4: Final = 0x84
+# What a ring owner answers when it cannot serve a read another member could: it sheds
+# load, or it forgot the statement again right after being taught it (a thrashed cache).
+_SERVE_HERE: Final = frozenset({ErrorCode.OVERLOADED, ErrorCode.UNPREPARED})
 _SHED_QUIET: Final = 5.0  # seconds without a refusal before shedding is said to stop
 
 
@@ -140,7 +143,8 @@ class Flight(Exchange):
     ) -> None:
         super().__init__(pool, node, opcode, flags, body, statement, shard)
         self.prepared = statement
-        # Sent to its owner on the ring: the pool that serves it here if that fails.
+        # Sent to its owner on the ring: the pool that serves it here if that fails, or
+        # if the owner cannot serve it (`_SERVE_HERE`).
         self.fallback: Pool | None = None
         self.load_on: str | None = None  # the ring member its load counts on (bounded loads)
         self.flights = flights
@@ -180,7 +184,8 @@ class Flight(Exchange):
     def finish(self, outcome: Outcome) -> None:
         if self.state == _DONE:
             return  # abandoned: a late answer nobody waits for
-        if self.fallback is not None and isinstance(outcome, UpstreamError):
+        if self.fallback is not None and (isinstance(outcome, UpstreamError)
+                                          or error_code(outcome) in _SERVE_HERE):
             self._serve_here(self.fallback)
             return
         flights = self.flights

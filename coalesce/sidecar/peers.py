@@ -18,10 +18,14 @@ Two kinds of request carry a custom payload of ours (the CQL way to add to a req
   any member afterwards starts fresh. It is answered at once; its only effect is that
   later reads start fresh, no more than the write itself causes.
 
-A member that cannot be reached (refused, or no answer within ``peer_timeout``) is
-left alone for a back-off that doubles per failure (``reconnect_delay`` up to
+A member that cannot be reached (refused, or no answer within ``peer_timeout``), or
+that stops answering on an open connection (a forget unanswered within
+``peer_timeout``, a read within ``request_timeout + peer_timeout``), is left alone
+for a back-off that doubles per failure (``reconnect_delay`` up to
 ``reconnect_max_delay``); meanwhile reads it owns are served by the member that got
-them. Connections are opened on demand, one per (member, role, keyspace), at most
+them. A member that refuses a role's login is not backed off (it serves other
+roles), but that role's pool does not try it again before a back-off of its own.
+Connections are opened on demand, one per (member, role, keyspace), at most
 ``max_pools`` (role, keyspace) pools, least recently used closed first. Single event
 loop.
 """
@@ -39,7 +43,12 @@ from coalesce.cql._wire import w_bytes_map
 from coalesce.cql.classify import StatementInfo
 from coalesce.sidecar.config import SidecarConfig
 from coalesce.sidecar.connection import UpstreamConnection
-from coalesce.sidecar.errors import UpstreamError, UpstreamRefused, UpstreamUnavailable
+from coalesce.sidecar.errors import (
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from coalesce.sidecar.members import Member, SidecarRing
 
 if TYPE_CHECKING:
@@ -85,7 +94,7 @@ def read_forget(body: bytes) -> tuple[StatementInfo, str | None, bytes | None] |
         partition = message["partition"]
         return (info, _text(message["session_keyspace"]),
                 None if partition is None else bytes.fromhex(_req_text(partition)))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: RecursionError
         return None
 
 
@@ -176,7 +185,9 @@ class Peers:
             conn = await UpstreamConnection.connect(
                 member.host, member.port, node=member.name, timeout=timeout,
                 max_frame_size=max(config.max_frame_size, 256 * 1024 * 1024),
-                request_timeout=config.request_timeout)
+                # The owner answers its own upstream timeout by then: past this, it is
+                # the member that does not answer (`PeerPool._timed_out`).
+                request_timeout=config.request_timeout + timeout)
             try:
                 async with asyncio.timeout(timeout):
                     await conn.login(upstream.credentials(role), timeout)
@@ -237,12 +248,37 @@ class PeerPool:
         self.keyspace = keyspace
         self._conns: dict[str, UpstreamConnection] = {}
         self._opening: dict[str, asyncio.Task[UpstreamConnection]] = {}
+        # Member -> (logins it refused in a row, when to try again).
+        self._refused: dict[str, tuple[int, float]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
         return f"<PeerPool role={self.role!r} keyspace={self.keyspace!r}>"
 
     def pick(self, node: Any = None, shard: int | None = None) -> UpstreamConnection | None:
+        """The open connection to member `node` if it takes one more read (`_takes`),
+        else None (and one being opened if none is)."""
+        conn = self._open_conn(node)
+        return conn if conn is not None and self._takes(conn) else None
+
+    async def acquire(self, node: Any = None) -> UpstreamConnection:
+        """The connection to member `node` for one more read, once open; raises
+        `UpstreamError` (so that the read is served here) if it does not take one."""
+        conn = await self._connection(node)
+        if not self._takes(conn):
+            raise UpstreamUnavailable(f"{conn.node}: as many requests in flight as it takes")
+        return conn
+
+    def _takes(self, conn: UpstreamConnection) -> bool:
+        """Whether `conn` takes one more read rather than it be served here: it has a
+        free stream id and fewer requests in flight than the owner takes from one client
+        (``max_client_requests``, the same on every member) less one. Past that the owner
+        stops reading the connection, and a read or a forget sent behind would wait for
+        the ones before it."""
+        return (conn.has_free_stream
+                and conn.in_flight < self.upstream.config.max_client_requests - 1)
+
+    def _open_conn(self, node: Any) -> UpstreamConnection | None:
         """The open connection to member `node`, None (and one being opened) if none."""
         if not isinstance(node, Member):
             return None
@@ -250,20 +286,26 @@ class PeerPool:
         if conn is None or conn.closed:
             self._open(node)
             return None
-        # Out of stream ids: the read is served here rather than wait for the owner.
-        return conn if conn.has_free_stream else None
+        return conn
 
-    async def acquire(self, node: Any = None) -> UpstreamConnection:
-        """The connection to member `node`, once open; raises `UpstreamError`."""
+    async def _connection(self, node: Any) -> UpstreamConnection:
+        """The connection to member `node` (however busy), once open."""
         if not isinstance(node, Member):
             raise UpstreamUnavailable("no ring member to send to")
-        conn = self.pick(node)
+        conn = self._open_conn(node)
         if conn is not None:
             return conn
         task = self._opening.get(node.name)
         if task is None:
             raise UpstreamUnavailable(f"{node.name}: backing off after a failure")
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this caller is cancelled
+            # The login was given up: the pool evicted (past max_pools), the member gone.
+            raise UpstreamUnavailable(f"{node.name}: the connection was given up") from None
 
     async def for_keyspace(self, conn: UpstreamConnection, keyspace: str | None
                            ) -> UpstreamConnection | None:
@@ -277,11 +319,25 @@ class PeerPool:
 
     async def tell(self, member: Member, body: bytes) -> bool:
         """Send a forget to `member`; whether it answered within ``peer_timeout``."""
+        pool, conn = self, None
         try:
             async with asyncio.timeout(self.upstream.config.peer_timeout):
-                conn = await self.acquire(member)
-                reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
-        except (UpstreamError, TimeoutError):
+                while True:
+                    try:
+                        # Answered at once, a forget may go where a read may not.
+                        conn = await pool._connection(member)
+                        reply = await conn.request(Opcode.QUERY, body, CUSTOM_PAYLOAD)
+                        break
+                    except UpstreamError:
+                        if pool is not self or not self._closed or self.upstream._closed:
+                            raise
+                        # Evicted meanwhile (past max_pools): once more, on a pool of its own.
+                        pool, conn = self.upstream.pool(self.role, self.keyspace), None
+        except TimeoutError:
+            if conn is not None:  # logged in, and now a forget goes unanswered
+                pool._timed_out(member, conn)
+            return False
+        except UpstreamError:
             return False
         return reply.opcode == Opcode.RESULT
 
@@ -307,6 +363,9 @@ class PeerPool:
         if (member.name in self._opening or self._closed or peers._closed
                 or not peers.reachable(member)):
             return
+        refused = self._refused.get(member.name)
+        if refused is not None and asyncio.get_running_loop().time() < refused[1]:
+            return  # it refused this role (or keyspace) lately: reads are served here
         task = peers.spawn(peers.connect(member, self.role, self.keyspace))
         self._opening[member.name] = task
         task.add_done_callback(lambda t: self._opened(member, t))
@@ -314,8 +373,19 @@ class PeerPool:
     def _opened(self, member: Member, task: asyncio.Task[UpstreamConnection]) -> None:
         if self._opening.get(member.name) is task:
             del self._opening[member.name]
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled():
             return
+        if isinstance(task.exception(), UpstreamRefused):
+            # The member answers, and refuses this role: not tried again for every read
+            # (each try is a login at Scylla), but after a back-off of this pool's own.
+            config = self.upstream.config
+            count = self._refused.get(member.name, (0, 0.0))[0] + 1
+            delay = min(config.reconnect_max_delay,
+                        config.reconnect_delay * 2 ** min(count - 1, 30))
+            self._refused[member.name] = (count, asyncio.get_running_loop().time() + delay)
+        if task.exception() is not None:
+            return
+        self._refused.pop(member.name, None)
         conn = task.result()
         if self._closed or self.upstream.ring.member(member.name) is None:
             conn.close()
@@ -325,6 +395,13 @@ class PeerPool:
             old.close()
         self._conns[member.name] = conn
         conn.on_close = self._closed_one
+        conn.on_timeout = lambda c: self._timed_out(member, c)
+
+    def _timed_out(self, member: Member, conn: UpstreamConnection) -> None:
+        """`member` stopped answering on `conn` (frozen, SIGSTOPped): close it, and leave
+        the member alone for its back-off as if it could not be reached."""
+        conn.close("the ring member stopped answering")
+        self.upstream._failed(member, UpstreamTimeout(f"{member.name}: stopped answering"))
 
     def _closed_one(self, conn: UpstreamConnection) -> None:
         if self._conns.get(conn.node) is conn:

@@ -20,6 +20,8 @@ Single event loop.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
@@ -29,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from coalesce.cql import COMPRESSION, Frame, StatusChangeEvent, TopologyChangeEvent
 from coalesce.metrics import FlightStats, register
 from coalesce.sidecar.advertised import Cells, Identity, advertised_tokens
-from coalesce.sidecar.config import SidecarConfig
+from coalesce.sidecar.config import SidecarConfig, parse_address
 from coalesce.sidecar.flights import Flights
 from coalesce.sidecar.members import Member, SidecarRing
 from coalesce.sidecar.peers import Peers
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from coalesce.sidecar.client import ClientConnection
 
 __all__ = ["INGEST_BUDGET", "EventListener", "Proxy"]
+
+_log = logging.getLogger(__name__)
 
 INGEST_BUDGET: Final = 256
 """Frames all client connections together dispatch between two refills."""
@@ -161,10 +165,18 @@ class Proxy:
         self.stats.ring_members = len(ring)
 
     def ring_changed(self, names: tuple[str, ...]) -> None:
-        """The ring is now `names`: update it and tell drivers listening for topology."""
+        """The ring is now `names`: update it and tell drivers listening for topology.
+
+        A name that is not ``IP:port`` (members advertise IP literals: ``system.peers``
+        and events carry inet values) is left out, with a warning.
+        """
         peers = self.peers
         assert peers is not None
-        added, removed = peers.ring.update(names)
+        usable = [name for name in names if _ip_name(name)]
+        if len(usable) != len(names):
+            _log.warning("ring members must be named IP:port; ignoring %s",
+                         sorted(set(names) - set(usable)))
+        added, removed = peers.ring.update(usable)
         self.stats.ring_members = len(peers.ring)
         me = peers.ring.me
         for member in removed:
@@ -205,6 +217,15 @@ class Proxy:
         for listener in list(self.listeners):
             if event_type in listener.events:
                 listener.send_event(body)
+
+
+def _ip_name(name: str) -> bool:
+    try:
+        host, _ = parse_address(name, default_port=0)
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _inet(member: Member) -> tuple[str, int]:

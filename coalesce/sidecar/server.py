@@ -8,6 +8,7 @@ until SIGTERM. Everything runs on the event loop that called `start`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -192,6 +193,10 @@ class Sidecar:
         config = self.config
         proxy.join_ring(SidecarRing(me, (me,), vnodes=config.vnodes,
                                     load_factor=config.load_factor))
+        if config.peers is not None:
+            # Names are IP literals, as each member's own is (and inet columns need).
+            config = dataclasses.replace(config, peers=tuple(
+                [(await _ip_literal(host, "peers"), port) for host, port in config.peers]))
         self._membership = membership_for(config, me, proxy.ring_changed)
         assert self._membership is not None
         await self._membership.start()
@@ -274,7 +279,7 @@ def _client_ssl(config: SidecarConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def _ip_literal(address: str) -> str:
+async def _ip_literal(address: str, setting: str = "advertise") -> str:
     """`address` as an IP literal (``system.local`` columns are of type inet)."""
     try:
         return str(ipaddress.ip_address(address))
@@ -284,5 +289,5 @@ async def _ip_literal(address: str) -> str:
     try:
         infos = await loop.getaddrinfo(address, None, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConfigError(f"advertise: cannot resolve {address!r}: {exc}") from None
+        raise ConfigError(f"{setting}: cannot resolve {address!r}: {exc}") from None
     return str(infos[0][4][0])
