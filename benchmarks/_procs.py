@@ -32,6 +32,7 @@ __all__ = [
     "free_port",
     "haproxy",
     "metric_sum",
+    "ring_member",
     "sidecar",
     "socat",
     "tree_cpu_seconds",
@@ -64,12 +65,13 @@ def _drain(proc: subprocess.Popen[str], into: collections.deque[str]) -> None:
         into.append(line.rstrip())
 
 
-def _wait_port(port: int, proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[str] | subprocess.Popen[bytes],
+               host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 1):
             return
         time.sleep(0.02)
     raise RuntimeError(f"nothing listening on {port} after 15s")
@@ -86,8 +88,8 @@ def _stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def _python(name: str, argv: list[str], port: int,
-            metrics_port: int | None = None) -> Iterator[Server]:
-    """Run `python argv...`; yield once something listens on `port`."""
+            metrics_port: int | None = None, host: str = "127.0.0.1") -> Iterator[Server]:
+    """Run `python argv...`; yield once something listens on `host`:`port`."""
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     server = Server(name, port, proc.pid, metrics_port)
@@ -95,7 +97,7 @@ def _python(name: str, argv: list[str], port: int,
     thread.start()
     try:
         try:
-            _wait_port(port, proc)
+            _wait_port(port, proc, host)
         except RuntimeError as exc:
             raise RuntimeError(f"{name}: {exc}\n" + "\n".join(server.output)) from None
         yield server
@@ -124,6 +126,19 @@ def sidecar(upstream: int, uvloop: bool) -> contextlib.AbstractContextManager[Se
     if uvloop:
         argv.append("--uvloop")
     return _python("sidecar", argv, port, metrics)
+
+
+def ring_member(upstream: int, listen: tuple[str, int], peers: list[tuple[str, int]],
+                vnodes: int, *flags: str) -> contextlib.AbstractContextManager[Server]:
+    """`coalesce sidecar` listening on `listen`, one member of the ring of `peers`
+    (every member's address, this one included), with /metrics on."""
+    host, port = listen
+    metrics = free_port()
+    argv = ["-m", "coalesce", "sidecar", "--listen", f"{host}:{port}",
+            "--upstream", f"127.0.0.1:{upstream}", "--metrics", f"127.0.0.1:{metrics}",
+            "--peers", ",".join(f"{h}:{p}" for h, p in peers), "--vnodes", str(vnodes),
+            *flags]
+    return _python(f"sidecar {host}:{port}", argv, port, metrics, host)
 
 
 def floor(delay: str, uvloop: bool) -> contextlib.AbstractContextManager[Server]:
