@@ -82,6 +82,7 @@ class LoginRelay:
                     if reply.opcode == Opcode.READY:  # Scylla stopped asking for logins
                         self._conn = None
                         self.waiting = False
+                        await upstream.learn_node(conn)
                         upstream.adopt(conn, "", None)
                         self.role = ""
                         return _reply(Opcode.AUTH_SUCCESS, AuthSuccess(None).encode())
@@ -108,6 +109,11 @@ class LoginRelay:
             return _reply(Opcode.ERROR, Error(
                 ErrorCode.BAD_CREDENTIALS, "the sidecar relays SASL PLAIN logins only"
             ).encode())
+        try:
+            await upstream.learn_node(conn)
+        except BaseException:
+            conn.close()
+            raise
         upstream.adopt(conn, role, token)
         self.role = role
         return reply

@@ -381,6 +381,13 @@ class Upstream:
             return conn, reply
         raise UpstreamUnavailable(_no_node_message(errors))
 
+    async def learn_node(self, conn: UpstreamConnection) -> None:
+        """Before `conn` serves anyone: learn its node's tokens and ``system.local`` cells
+        if not known yet, so the first ``system.peers`` a driver reads is complete."""
+        node = next((n for n in self.nodes if n.name == conn.node), None)
+        if node is not None and (not node.tokens_known or not self.local_row):
+            await self._fetch_tokens(node, conn)
+
     def adopt(self, conn: UpstreamConnection, role: str, token: bytes | None) -> None:
         """Take a logged-in connection into `role`'s pool; remember the role's token."""
         self._tokens[role] = token
@@ -464,6 +471,7 @@ class Upstream:
                 self._node_ok(node)
                 if keyspace is not None:
                     await conn.use(keyspace, self.config.request_timeout)
+                await self.learn_node(conn)
             except BaseException as exc:
                 conn.close()
                 if isinstance(exc, UpstreamRefused) and conn.asked_for_credentials:

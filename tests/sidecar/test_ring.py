@@ -393,3 +393,19 @@ async def test_bounded_loads_serve_here_what_would_pile_onto_one_owner(
     assert all(rows_of(r) == [] for r in await asyncio.gather(*reads))
     assert member.ring.load(member.ring.me) == 0  # every flight gave its load back
     await client.close()
+
+
+async def test_the_first_peers_read_of_a_fresh_member_is_complete(ring_stack: MakeRing) -> None:
+    # Drivers pipeline system.peers with system.local on a new control connection: the
+    # peers rows must already carry Scylla's data center and rack (a driver ignores a
+    # peer without them), although nothing has read system.local through this member.
+    ring = await ring_stack(3)
+    client = await ring.client(2)
+    peers, local = await asyncio.gather(
+        client.send_query("SELECT peer, data_center, rack, schema_version FROM system.peers"),
+        client.send_query("SELECT data_center FROM system.local"))
+    rows = rows_of(peers)
+    assert len(rows) == 2
+    assert all(all(cell is not None for cell in row) for row in rows)
+    assert {row[1] for row in rows} == {rows_of(local)[0][0]}
+    await client.close()

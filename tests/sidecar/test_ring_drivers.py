@@ -59,15 +59,6 @@ from cassandra.policies import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from coalesce.cql import (
-    Consistency,
-    FrameDecoder,
-    Opcode,
-    Query,
-    QueryParameters,
-    Startup,
-    encode_frame,
-)
 from coalesce.emulator import EmulatorThread
 from coalesce.sidecar.advertised import host_id_for
 from coalesce.sidecar.members import SidecarRing, member_name
@@ -281,33 +272,6 @@ def _drain(member: Member) -> None:
         member.output.append(line.rstrip())
 
 
-def _warm(member: Member) -> None:
-    """Read ``system.local`` once through the member, over a bare connection.
-
-    Works around a sidecar race (reported with this test): a member learns the columns
-    it copies into ``system.peers`` rows (data center, rack, versions) from Scylla's
-    ``system.local`` only once a client made it open an upstream pool, so the first
-    ``system.peers`` a fresh member answers may have a null ``data_center`` and
-    ``rack``, for which cassandra-driver drops every peer ("Found an invalid row for
-    peer"). A read of ``system.local`` through the member teaches it those columns.
-    """
-    with socket.create_connection((member.host, member.port), timeout=BOUND) as sock:
-        decoder = FrameDecoder()
-
-        def ask(opcode: int, body: bytes) -> int:
-            sock.sendall(encode_frame(opcode, body, stream=1))
-            while True:
-                data = sock.recv(65536)
-                assert data, "the member closed the connection"
-                frames = list(decoder.feed(data))
-                if frames:
-                    return frames[0].opcode
-
-        assert ask(Opcode.STARTUP, Startup({"CQL_VERSION": "3.0.0"}).encode()) == Opcode.READY
-        query = Query("SELECT * FROM system.local", QueryParameters(Consistency.ONE))
-        assert ask(Opcode.QUERY, query.encode()) == Opcode.RESULT
-
-
 @contextlib.contextmanager
 def _sidecar_ring(emulator: EmulatorThread, layout: str,
                   *flags: str) -> Iterator[SidecarRingProcs]:
@@ -340,7 +304,6 @@ def _sidecar_ring(emulator: EmulatorThread, layout: str,
                 assert time.monotonic() < deadline, (
                     f"{member.name} not ready after {READY_WITHIN}s:\n" + "\n".join(member.output))
                 time.sleep(0.02)
-            _warm(member)
         yield procs
         for cluster in procs.clusters:
             cluster.shutdown()
