@@ -36,6 +36,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from coalesce.cql import CUSTOM_PAYLOAD, Opcode
@@ -124,6 +125,51 @@ class Peers:
         self._retry_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._watch: asyncio.TimerHandle | None = None
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Look after open peer connections (see `_check`) while there are any."""
+        if self._watch is None and not self._closed:
+            self._watch = asyncio.get_running_loop().call_later(
+                self.config.peer_timeout / 2, self._check)
+
+    def _check(self) -> None:
+        """A connection with requests outstanding and nothing read for ``peer_timeout``
+        is sent an OPTIONS, which a live member answers at once however slow Scylla is;
+        unanswered within ``peer_timeout`` it times out, and the member is left alone
+        (`PeerPool._timed_out`): a frozen member costs a read at most about twice
+        ``peer_timeout`` before it is served here."""
+        self._watch = None
+        limit = self.config.peer_timeout
+        quiet_since = asyncio.get_running_loop().time() - limit
+        any_open = False
+        for pool in list(self._pools.values()):
+            for conn in pool.connections():
+                any_open = True
+                if conn.in_flight and conn.last_read <= quiet_since and not conn.heartbeating:
+                    self._ping(pool, conn)
+        if any_open:
+            self.watch()
+
+    def _ping(self, pool: PeerPool, conn: UpstreamConnection) -> None:
+        # A timer of its own: the connection's deadlines run in send order, and this
+        # short one must not wait behind the reads' longer ones.
+        loop = asyncio.get_running_loop()
+        conn.heartbeating = True
+        timer = loop.call_later(self.config.peer_timeout, self._silent, pool, conn)
+        conn.send(Opcode.OPTIONS, b"", 0, partial(_answered, conn, timer), timeout=None)
+
+    def _silent(self, pool: PeerPool, conn: UpstreamConnection) -> None:
+        if not conn.heartbeating or conn.closed:
+            return
+        conn.heartbeating = False
+        member = self.ring.member(conn.node)
+        if member is None:
+            conn.close("the ring member left")
+        else:
+            pool._timed_out(member, conn)
 
     # -- for `Exchange` ----------------------------------------------------------------
 
@@ -225,6 +271,9 @@ class Peers:
 
     async def close(self) -> None:
         self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
@@ -396,6 +445,10 @@ class PeerPool:
         self._conns[member.name] = conn
         conn.on_close = self._closed_one
         conn.on_timeout = lambda c: self._timed_out(member, c)
+        self.upstream.watch()
+
+    def connections(self) -> list[UpstreamConnection]:
+        return [conn for conn in self._conns.values() if not conn.closed]
 
     def _timed_out(self, member: Member, conn: UpstreamConnection) -> None:
         """`member` stopped answering on `conn` (frozen, SIGSTOPped): close it, and leave
@@ -407,3 +460,7 @@ class PeerPool:
         if self._conns.get(conn.node) is conn:
             del self._conns[conn.node]
 
+
+def _answered(conn: UpstreamConnection, timer: asyncio.TimerHandle, outcome: object) -> None:
+    conn.heartbeating = False
+    timer.cancel()
