@@ -112,10 +112,12 @@ _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
 ).encode()
 
-# A run of identical requests: flight, opcode, frame flags, body size, body prefix, and
-# this connection's streams in the flight. Frames compressed or with a custom payload
-# (`_RAW` flags) are not compared as they come, so they start no run.
-_Run = tuple[Flight, int, int, int, bytes, list[int]]
+# A run of identical requests: flight, opcode, frame flags, body size, body prefix, the
+# streams (this connection's in the flight, or those to answer at once), and whether the
+# flight was answered already (its answer is kept for requests read before it came).
+# Frames compressed or with a custom payload (`_RAW` flags) are not compared as they
+# come, so they start no run.
+_Run = tuple[Flight, int, int, int, bytes, list[int], bool]
 _RAW: Final = COMPRESSION | CUSTOM_PAYLOAD
 
 # Connection states.
@@ -542,20 +544,23 @@ class ClientConnection(asyncio.Protocol):
         for i, frame in enumerate(frames):
             if run is not None:
                 # Within a run nothing but `_pending` moves: no other bound is looked at.
-                flight, opcode, flags, size, prefix, streams = run
+                flight, opcode, flags, size, prefix, streams, answered = run
                 body = frame[5]
                 if (frame[4] == opcode and frame[2] == flags and len(body) == size
-                        and frame[0] == 4 and body.startswith(prefix) and flight.joinable
-                        and (max_waiters is None or flight.count < max_waiters)
-                        and self._pending < max_requests):
-                    streams.append(frame[3])
-                    flight.count += 1
-                    self._pending += 1
-                    joined += 1
-                    continue
-                if joined:
-                    self._end_run(run, joined)
-                    joined = 0
+                        and frame[0] == 4 and body.startswith(prefix)):
+                    if answered:  # read before its answer came: answered with it, at once
+                        streams.append(frame[3])
+                        joined += 1
+                        continue
+                    if (flight.joinable and self._pending < max_requests
+                            and (max_waiters is None or flight.count < max_waiters)):
+                        streams.append(frame[3])
+                        flight.count += 1
+                        self._pending += 1
+                        joined += 1
+                        continue
+                self._end_run(run, joined)
+                joined = 0
                 run = None
             if self._closed or self._write_paused or self._pending >= max_requests or (
                     self._held >= self._max_held):
@@ -566,18 +571,23 @@ class ClientConnection(asyncio.Protocol):
             self._run = None
             dispatch(frame)
             run = self._run
-        if joined:
+        if run is not None:
             self._end_run(run, joined)
         return len(frames)
 
-    def _end_run(self, run: _Run | None, joined: int) -> None:
-        """Count the `joined` requests a run added to its flight (see `_dispatch_all`)."""
-        assert run is not None
+    def _end_run(self, run: _Run, joined: int) -> None:
+        """Count the `joined` requests a run added to its flight; answer an answered
+        run's requests, all in one buffer (see `_dispatch_all`)."""
         proxy = self._proxy
-        proxy.stats.frames[run[1]] += joined
+        flight, opcode, *_, streams, answered = run
+        proxy.stats.frames[opcode] += joined
         proxy.stats.merged += joined
         proxy.flights.stats.joined += joined
-        proxy.in_flight += joined
+        if answered:
+            assert flight.answer is not None
+            self._write_answer(streams, flight.answer, self.read_at)
+        else:
+            proxy.in_flight += joined
 
     def _join_run(self, flight: Flight, stream: int) -> None:
         proxy = self._proxy
@@ -586,7 +596,7 @@ class ClientConnection(asyncio.Protocol):
             self._joined(flight)
             if not self._flags & _RAW:  # compressed or with a payload: compared decoded
                 self._run = (flight, self._opcode, self._flags, self._size, self._key,
-                             flight.waiters[self])
+                             flight.waiters[self], False)
         else:
             self._write_error(stream, ErrorCode.OVERLOADED, "too many requests wait for this read")
 
@@ -705,7 +715,7 @@ class ClientConnection(asyncio.Protocol):
                         fast[key] = flight
                         if flight.joinable and not self._flags & _RAW:
                             self._run = (flight, opcode, self._flags, len(body), key,
-                                         flight.waiters[self])
+                                         flight.waiters[self], False)
                 else:
                     self._execute(request, p)
                 return
@@ -742,7 +752,10 @@ class ClientConnection(asyncio.Protocol):
                 return False  # answered before this request was read: a new flight
             proxy.stats.merged += 1
             proxy.flights.stats.joined += 1
-            self._answer_now(stream, flight)
+            if self._flags & _RAW:
+                self._answer_now(stream, flight)
+            else:  # the identical requests after it are answered with it (`_end_run`)
+                self._run = (flight, opcode, self._flags, len(body), key, [stream], True)
             return True
         self._opcode, self._size, self._key = opcode, len(body), key
         self._join_run(flight, stream)
