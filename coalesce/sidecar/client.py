@@ -846,8 +846,10 @@ class ClientConnection(asyncio.Protocol):
         if forget is None:
             self._write_error(stream, ErrorCode.INVALID, "malformed coalesce-forget payload")
             return
-        info, keyspace, partition = forget
+        info, keyspace, partition, avoid = forget
         proxy.flights.freshness.written_by(info, keyspace, partition)
+        if avoid and proxy.peers is not None:
+            proxy.peers.avoid(avoid)
         self._write_frame(stream, Opcode.RESULT, 0, _VOID)
 
     def _forward(self, request: Request, p: Forward) -> None:

@@ -36,6 +36,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -68,17 +69,24 @@ FORGET_PREFIX: Final = b"\x00\x01" + len(_FORGET_KEY).to_bytes(2, "big") + _FORG
 _MAX_FORGET: Final = 64 * 1024
 
 
-def forget_frame(info: StatementInfo, keyspace: str | None, partition: bytes | None) -> bytes:
-    """The body of a QUERY telling a member what a completed write made stale."""
+def forget_frame(info: StatementInfo, keyspace: str | None, partition: bytes | None,
+                 avoid: Sequence[str] = ()) -> bytes:
+    """The body of a QUERY telling a member what a completed write made stale, and which
+    members missed hearing it (`avoid`: send them no read for ``request_timeout``)."""
     message = {
         "kind": info.kind, "keyspace": info.keyspace, "table": info.table,
         "tables": [list(t) for t in info.tables], "session_keyspace": keyspace,
         "partition": partition.hex() if partition is not None else None,
+        "avoid": list(avoid),
     }
     return w_bytes_map({_FORGET_KEY: json.dumps(message, separators=(",", ":")).encode()})
 
 
-def read_forget(body: bytes) -> tuple[StatementInfo, str | None, bytes | None] | None:
+_NOTHING_WRITTEN: Final = StatementInfo("select")
+
+
+def read_forget(body: bytes
+                ) -> tuple[StatementInfo, str | None, bytes | None, tuple[str, ...]] | None:
     """What a forget says (`forget_frame`), None if `body` is not one we can read."""
     if not body.startswith(FORGET_PREFIX) or len(body) > _MAX_FORGET:
         return None
@@ -93,8 +101,9 @@ def read_forget(body: bytes) -> tuple[StatementInfo, str | None, bytes | None] |
         info = StatementInfo(_req_text(message["kind"]), _text(message["keyspace"]),
                              _text(message["table"]), tables=tables)
         partition = message["partition"]
+        avoid = tuple(_req_text(name) for name in message.get("avoid", ()))
         return (info, _text(message["session_keyspace"]),
-                None if partition is None else bytes.fromhex(_req_text(partition)))
+                None if partition is None else bytes.fromhex(_req_text(partition)), avoid)
     except (ValueError, KeyError, TypeError, RecursionError):  # deep nesting: RecursionError
         return None
 
@@ -259,15 +268,38 @@ class Peers:
 
     async def forget_everywhere(self, role: str, body: bytes) -> int:
         """Send a forget to every other member and wait (``peer_timeout`` at most) for
-        their answers; return how many did not confirm it (backing off ones included)."""
+        their answers; return how many did not confirm it (backing off ones included).
+
+        A member that missed it may still answer reads with a flight older than the
+        write: this member and every member that confirmed are told to send it no read
+        for ``request_timeout`` (the longest such a flight lives), so a read after the
+        write, through any of them, is read fresh where it lands.
+        """
         members = self.ring.others
         others = [m for m in members if self.reachable(m)]
-        missed = len(members) - len(others)
+        missed = [m.name for m in members if not self.reachable(m)]
+        confirmed: list[Member] = []
         if others:
             pool = self.pool(role, None)
             results = await asyncio.gather(*(pool.tell(m, body) for m in others))
-            missed += results.count(False)
-        return missed
+            confirmed = [m for m, ok in zip(others, results, strict=True) if ok]
+            missed += [m.name for m, ok in zip(others, results, strict=True) if not ok]
+        if missed:
+            self.avoid(missed)
+            if confirmed:
+                notice = forget_frame(_NOTHING_WRITTEN, None, None, missed)
+                pool = self.pool(role, None)
+                await asyncio.gather(*(pool.tell(m, notice) for m in confirmed))
+        return len(missed)
+
+    def avoid(self, names: Sequence[str]) -> None:
+        """Send no read to the members `names` for ``request_timeout``: they missed a
+        forget (see `forget_everywhere`). Names not in the ring, or this sidecar's own,
+        are ignored."""
+        until = asyncio.get_running_loop().time() + self.config.request_timeout
+        for name in names:
+            if name != self.ring.me and name in self.ring:
+                self._retry_at[name] = max(self._retry_at.get(name, 0.0), until)
 
     async def close(self) -> None:
         self._closed = True

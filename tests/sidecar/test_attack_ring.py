@@ -788,19 +788,16 @@ async def test_a_clients_flood_of_forwarded_reads_does_not_stall_another_clients
         await c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a missed forget is counted, not made up for")
 async def test_a_client_filling_a_members_connection_slots_cannot_make_a_read_stale(
     ring_stack: MakeRing,
 ) -> None:
-    """A forget that a member cannot take is counted (``forgets_missed``) and the write
-    is answered anyway. A client that takes every connection slot of the owner keeps
-    the writing member from logging in there (the owner answers OVERLOADED), while
-    another member's connection, opened before, still forwards reads to it: a read
-    after the write, through that member, joined the owner's flight that started before
-    the write. Not a local fix: the members that did forget would have to learn which
-    one missed it and stop sending it the written partitions for ``request_timeout``
-    (or the write wait that long); the same hole opens for any partial partition
-    (the writer cannot reach the owner, the others can)."""
+    """A client that takes every connection slot of the owner keeps the writing member
+    from logging in there (the owner answers OVERLOADED), while another member's
+    connection, opened before, still forwards reads to it: the owner missed the forget.
+    It is counted (``forgets_missed``), and the members that confirmed it are told to
+    send the owner no read for ``request_timeout``: a read after the write, through any
+    of them, does not join the owner's flight that started before the write. (The same
+    for any partial partition: the writer cannot reach the owner, the others can.)"""
     ring = await ring_stack(3, max_connections=8)
     owner = ring.sidecars[2]
     key = _key_owned_by(ring, _name(owner))
