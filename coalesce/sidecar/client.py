@@ -546,8 +546,9 @@ class ClientConnection(asyncio.Protocol):
                 # Within a run nothing but `_pending` moves: no other bound is looked at.
                 flight, opcode, flags, size, prefix, streams, answered = run
                 body = frame[5]
+                # A request, v4 (a response or another version closes the connection).
                 if (frame[4] == opcode and frame[2] == flags and len(body) == size
-                        and frame[0] == 4 and body.startswith(prefix)):
+                        and frame[0] == 4 and not frame[1] and body.startswith(prefix)):
                     if answered:  # read before its answer came: answered with it, at once
                         streams.append(frame[3])
                         joined += 1
