@@ -60,8 +60,8 @@ class Request:
     """
 
     __slots__ = (
-        "body", "consistency", "core", "flags", "opcode", "params", "query_flags", "query_id",
-        "stream", "text",
+        "_values", "body", "consistency", "core", "flags", "opcode", "params", "query_flags",
+        "query_id", "stream", "text",
     )
 
     text: str | None
@@ -72,6 +72,7 @@ class Request:
         self.opcode = opcode
         self.flags = flags
         self.body = body
+        self._values: list[bytes | None] | None = None  # collected by `check`
         core = _strip_payload(body) if flags & _CUSTOM_PAYLOAD else body
         self.core = core
         try:
@@ -133,7 +134,10 @@ class Request:
         """Walk the whole body; raise `CQLProtocolError` unless it is well-formed v4."""
         opcode = self.opcode
         if opcode in (_QUERY, _EXECUTE):
-            end = _skip_parameters(self.core, self.params)
+            qflags = self.query_flags
+            if qflags & _VALUES and not qflags & _NAMES:
+                self._values = []
+            end = _skip_parameters(self.core, self.params, self._values)
         elif opcode == _BATCH:
             end = _walk_batch(self.core, None)
         else:
@@ -150,6 +154,8 @@ class Request:
         qflags = self.query_flags
         if not qflags & _VALUES or qflags & _NAMES or self.params < 0:
             return None
+        if self._values is not None:  # `check` read them already
+            return self._values
         values: list[bytes | None] = []
         _read_values(self.core, self.params + 3, False, values)
         return values
@@ -232,8 +238,9 @@ def _check_consistency(value: int, what: str) -> None:
         raise CQLProtocolError(f"unknown {what} 0x{value:04x}")
 
 
-def _skip_parameters(body: bytes, pos: int) -> int:
-    """Validate <query_parameters> at `pos`; return where they end."""
+def _skip_parameters(body: bytes, pos: int, values: list[bytes | None] | None = None) -> int:
+    """Validate <query_parameters> at `pos`; return where they end. Positional values
+    are collected into `values` when it is given."""
     try:
         _check_consistency(_SHORT.unpack_from(body, pos)[0], "consistency")
         qflags = body[pos + 2]
@@ -241,7 +248,7 @@ def _skip_parameters(body: bytes, pos: int) -> int:
             raise CQLProtocolError(f"unknown query flags 0x{qflags:02x}")
         pos += 3
         if qflags & _VALUES:
-            pos = _read_values(body, pos, bool(qflags & _NAMES), None)
+            pos = _read_values(body, pos, bool(qflags & _NAMES), values)
         if qflags & _PAGE_SIZE:
             (page_size,) = _INT.unpack_from(body, pos)
             if page_size <= 0:
