@@ -277,8 +277,6 @@ class ClientConnection(asyncio.Protocol):
         # dispatched at once, within its own bounds.
         self._member = False
         self._flags = 0  # of the frame being dispatched, as it came
-        self._opcode = self._size = 0  # of the request `_join_planned` joined, with its key
-        self._key = b""
         # What the frame just dispatched joined, for the next one (`_dispatch_all`).
         self._run: _Run | None = None
         self._pool: Pool | None = None
@@ -590,16 +588,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             proxy.in_flight += joined
 
-    def _join_run(self, flight: Flight, stream: int) -> None:
-        proxy = self._proxy
-        proxy.stats.merged += 1
-        if proxy.flights.join_flight(flight, self, stream):
-            self._joined(flight)
-            if not self._flags & _RAW:  # compressed or with a payload: compared decoded
-                self._run = (flight, self._opcode, self._flags, self._size, self._key,
-                             flight.waiters[self], False)
-        else:
-            self._write_error(stream, ErrorCode.OVERLOADED, "too many requests wait for this read")
+    def _begin_run(self, flight: Flight, opcode: int, size: int, prefix: bytes,
+                   streams: list[int], answered: bool) -> None:
+        """The frame being dispatched may start a run (see `_dispatch_all`), unless it
+        came compressed or with a payload: runs compare frames as they come."""
+        if not self._flags & _RAW:
+            self._run = (flight, opcode, self._flags, size, prefix, streams, answered)
 
     def _update_reading(self) -> None:
         """Read while within bounds and nothing waits in the backlog; keep the backlog
@@ -714,9 +708,9 @@ class ClientConnection(asyncio.Protocol):
                             fast.clear()
                         key = body[:-8] if request.query_flags & _TIMESTAMP else body
                         fast[key] = flight
-                        if flight.joinable and not self._flags & _RAW:
-                            self._run = (flight, opcode, self._flags, len(body), key,
-                                         flight.waiters[self], False)
+                        if flight.joinable:
+                            self._begin_run(flight, opcode, len(body), key,
+                                            flight.waiters[self], False)
                 else:
                     self._execute(request, p)
                 return
@@ -756,10 +750,14 @@ class ClientConnection(asyncio.Protocol):
             if self._flags & _RAW:
                 self._answer_now(stream, flight)
             else:  # the identical requests after it are answered with it (`_end_run`)
-                self._run = (flight, opcode, self._flags, len(body), key, [stream], True)
+                self._begin_run(flight, opcode, len(body), key, [stream], True)
             return True
-        self._opcode, self._size, self._key = opcode, len(body), key
-        self._join_run(flight, stream)
+        proxy.stats.merged += 1
+        if proxy.flights.join_flight(flight, self, stream):
+            self._joined(flight)
+            self._begin_run(flight, opcode, len(body), key, flight.waiters[self], False)
+        else:
+            self._write_error(stream, ErrorCode.OVERLOADED, "too many requests wait for this read")
         return True
 
     def _unexpected(self, stream: int, opcode: int) -> None:
