@@ -583,6 +583,12 @@ class SidecarConfig:
         if self.peers is not None and self.membership is not None:
             raise ConfigError("peers and membership are two ways to name the ring: give one")
 
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after `failures` consecutive failures (>= 1): doubling from
+        ``reconnect_delay`` up to ``reconnect_max_delay``."""
+        doubled: float = self.reconnect_delay * 2 ** min(failures - 1, 30)
+        return min(self.reconnect_max_delay, doubled)
+
     @property
     def advertised_address(self) -> str:
         """The host the sidecar reports as its own in ``system.local`` (never a wildcard)."""

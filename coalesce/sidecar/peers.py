@@ -217,9 +217,7 @@ class Peers:
 
     def _failed(self, member: Member, error: UpstreamError) -> None:
         failures = self._failures[member.name] = self._failures.get(member.name, 0) + 1
-        config = self.config
-        delay = min(config.reconnect_max_delay,
-                    config.reconnect_delay * 2 ** min(failures - 1, 30))
+        delay = self.config.backoff(failures)
         self._retry_at[member.name] = asyncio.get_running_loop().time() + delay
         if failures in (1, 10) or failures % 100 == 0:
             _log.warning("ring member %s unreachable (%d attempts), its reads are served "
@@ -459,10 +457,8 @@ class PeerPool:
         if isinstance(task.exception(), UpstreamRefused):
             # The member answers, and refuses this role: not tried again for every read
             # (each try is a login at Scylla), but after a back-off of this pool's own.
-            config = self.upstream.config
             count = self._refused.get(member.name, (0, 0.0))[0] + 1
-            delay = min(config.reconnect_max_delay,
-                        config.reconnect_delay * 2 ** min(count - 1, 30))
+            delay = self.upstream.config.backoff(count)
             self._refused[member.name] = (count, asyncio.get_running_loop().time() + delay)
         if task.exception() is not None:
             return

@@ -562,10 +562,7 @@ class Upstream:
         node.reachable = False
         node.last_error = error
         node.failures += 1
-        delay = min(
-            self.config.reconnect_max_delay,
-            self.config.reconnect_delay * 2 ** min(node.failures - 1, 30),
-        )
+        delay = self.config.backoff(node.failures)
         node.retry_at = loop.time() + delay
         if node.failures in (1, 10) or node.failures % 100 == 0:
             _log.warning("upstream node %s is down (%d failed attempts): %s",
