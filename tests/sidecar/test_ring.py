@@ -409,3 +409,21 @@ async def test_the_first_peers_read_of_a_fresh_member_is_complete(ring_stack: Ma
     assert all(all(cell is not None for cell in row) for row in rows)
     assert {row[1] for row in rows} == {rows_of(local)[0][0]}
     await client.close()
+
+
+async def test_owner_and_scylla_both_gone_fail_every_waiter_once(ring_stack: MakeRing) -> None:
+    # The forward fails, the read falls back here, and that fails too: every waiter
+    # gets one error, promptly, and nothing stays in flight on either member.
+    ring = await ring_stack(2, reconnect_delay=5.0, reconnect_max_delay=10.0)
+    key = ring.key_owned_by(1)
+    client = await ring.client(0)
+    read_id = (await client.prepare(READ)).query_id
+    await ring.sidecars[1].stop()
+    await ring.emulator.aclose()
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(client.send_execute(read_id, [_int(key)])
+                                      for _ in range(10)))
+    assert time.monotonic() - started < ring.sidecars[0].config.peer_timeout + 1.0
+    assert all(frame.opcode == Opcode.ERROR for frame in outcomes)
+    assert ring.sidecars[0].flights.fallbacks == 1
+    await client.close()
