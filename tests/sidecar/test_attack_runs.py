@@ -8,7 +8,7 @@ one read and are dispatched in one pass: the conditions under which a run forms.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,20 +28,11 @@ from coalesce.cql import (
 
 from .conftest import LoopStack, eventually
 from .cqlclient import RawClient, rows_of
+from .test_runs import SETUP, MakeStack, _burst, _int
 
 pytestmark = pytest.mark.timeout(60)
 
-MakeStack = Callable[..., Coroutine[Any, Any, LoopStack]]
-SETUP = [
-    "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
-    "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)",
-    "INSERT INTO ks.kv (k, v) VALUES (1, 'one')",
-]
 ONE = [[b"one"]]
-
-
-def _int(value: int) -> bytes:
-    return value.to_bytes(4, "big", signed=True)
 
 
 async def _ready(loop_stack: MakeStack, **config: Any) -> tuple[LoopStack, RawClient, bytes]:
@@ -60,12 +51,6 @@ def _execute(query_id: bytes, stream: int, params: QueryParameters, **frame: Any
 
 def _stamped(key: int, timestamp: int, consistency: int = Consistency.ONE) -> QueryParameters:
     return QueryParameters(consistency, [_int(key)], timestamp=timestamp)
-
-
-def _burst(client: RawClient, frames: list[tuple[int, bytes]]) -> list[asyncio.Future[Frame]]:
-    waiters = [client.expect(stream) for stream, _ in frames]
-    client.writer.write(b"".join(frame for _, frame in frames))
-    return waiters
 
 
 async def _settle(*waiters: asyncio.Future[Frame]) -> list[Frame | BaseException]:
