@@ -550,10 +550,13 @@ class ClientConnection(asyncio.Protocol):
                 if (frame[4] == opcode and frame[2] == flags and len(body) == size
                         and frame[0] == 4 and not frame[1] and body.startswith(prefix)):
                     if answered:  # read before its answer came: answered with it, at once
-                        streams.append(frame[3])
-                        joined += 1
-                        continue
-                    if (flight.joinable and self._pending < max_requests
+                        # As many as requests taken may be (their answers are written
+                        # whole, paused or not); then the bounds are looked at again.
+                        if self._pending + len(streams) < max_requests:
+                            streams.append(frame[3])
+                            joined += 1
+                            continue
+                    elif (flight.joinable and self._pending < max_requests
                             and (max_waiters is None or flight.count < max_waiters)):
                         streams.append(frame[3])
                         flight.count += 1
