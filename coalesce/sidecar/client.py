@@ -81,7 +81,7 @@ from coalesce.sidecar.login import LoginRelay
 from coalesce.sidecar.outbox import FLUSH_AT, Outbox
 from coalesce.sidecar.peers import FORGET_PREFIX, HOP, forget_frame, read_forget
 from coalesce.sidecar.plan import Forward, Merge, Plan, Unprepared, Use, partition_of, plan
-from coalesce.sidecar.proxy import Proxy
+from coalesce.sidecar.proxy import INGEST_BUDGET, Proxy
 from coalesce.sidecar.upstream import Pool
 
 __all__ = ["ClientConnection"]
@@ -355,8 +355,15 @@ class ClientConnection(asyncio.Protocol):
                 self._backlog.append((seq, now, frames))
             return
         # A ring member's reads are one per flight of its own herd: they must meet the
-        # flight here while it is in flight, not wait behind client backlogs.
-        budget = len(frames) if self._member else proxy.take_budget(len(frames))
+        # flight here while it is in flight, not wait behind client backlogs. Only its
+        # leading hop-marked frames, a budget's worth at most, skip the budget: any
+        # client can mark one read, and must not get the loop to itself by it.
+        if self._member:
+            budget = _hop_marked(frames)
+            if budget < len(frames):
+                budget += proxy.take_budget(len(frames) - budget)
+        else:
+            budget = proxy.take_budget(len(frames))
         if budget < len(frames):
             self._backlog.append((seq, now, frames[budget:]))
             frames = frames[:budget]
@@ -548,10 +555,13 @@ class ClientConnection(asyncio.Protocol):
                 if (frame[4] == opcode and frame[2] == flags and len(body) == size
                         and frame[0] == 4 and not frame[1] and body.startswith(prefix)):
                     if answered:  # read before its answer came: answered with it, at once
-                        streams.append(frame[3])
-                        joined += 1
-                        continue
-                    if (flight.joinable and self._pending < max_requests
+                        # As many as requests taken may be (their answers are written
+                        # whole, paused or not); then the bounds are looked at again.
+                        if self._pending + len(streams) < max_requests:
+                            streams.append(frame[3])
+                            joined += 1
+                            continue
+                    elif (flight.joinable and self._pending < max_requests
                             and (max_waiters is None or flight.count < max_waiters)):
                         streams.append(frame[3])
                         flight.count += 1
@@ -1044,6 +1054,18 @@ class ClientConnection(asyncio.Protocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _hop_marked(frames: list[Frame]) -> int:
+    """How many of the first `INGEST_BUDGET` frames carry a ring member's marker (a hop
+    read or a forget) before the first that does not."""
+    count = 0
+    for frame in frames:
+        if (count == INGEST_BUDGET or not frame[2] & _CUSTOM_PAYLOAD or frame[4] not in _FAST
+                or not (frame[5].startswith(_HOP) or frame[5].startswith(FORGET_PREFIX))):
+            break
+        count += 1
+    return count
 
 
 def _unprepared_body(query_id: bytes) -> bytes:
