@@ -688,7 +688,8 @@ class ClientConnection(asyncio.Protocol):
                         body = body[_HOP_SIZE:]
                         flags &= ~_CUSTOM_PAYLOAD
                         hop = True
-                        self._member = True
+                        # Only a sidecar in a ring has members to exempt from the budget.
+                        self._member = proxy.peers is not None
                         proxy.stats.ring_served += 1
                     elif opcode == _QUERY and body.startswith(FORGET_PREFIX):
                         self._on_forget(stream, body)
