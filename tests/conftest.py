@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +47,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         kwargs.pop("timeout", None)
         if seconds > 0:  # 0 already means no timeout
             item.add_marker(pytest.mark.timeout(seconds * FUZZ_FACTOR, **kwargs), append=False)
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_reaches_children() -> None:
+    """A run started in the background (``cmd &``) ignores SIGINT, and so would every
+    process the tests start: the Ctrl-C tests need it delivered as a terminal does."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(params=["inline", "task"])
 def first_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the inline first step, then again under the plain-task fallback.
