@@ -92,9 +92,23 @@ class FreshnessIndex:
         linger = self._group.linger
         if linger:  # the result stays servable that long: keep it forgettable too
             loop = asyncio.get_running_loop()
-            loop.call_later(linger, self._untrack, key, table, partition)
+            loop.call_later(linger, self.drop, key, table, partition)
         else:
-            self._untrack(key, table, partition)
+            self.drop(key, table, partition)
+
+    def drop(self, key: Hashable, table: Table, partition: Partition) -> None:
+        """Untrack a read at once: for a group whose results never linger (``linger``
+        0), the same as `untrack`, one call cheaper."""
+        partitions = self._tables[table]
+        keys = partitions[partition]
+        if keys[key] > 1:
+            keys[key] -= 1
+            return
+        del keys[key]
+        if not keys:
+            del partitions[partition]
+            if not partitions:
+                del self._tables[table]
 
     def written_by(
         self, info: StatementInfo, keyspace: str | None, partition: Partition = None
@@ -121,18 +135,6 @@ class FreshnessIndex:
                 self.written((table_keyspace or keyspace, table))
         else:
             self._group.forget_all()
-
-    def _untrack(self, key: Hashable, table: Table, partition: Partition) -> None:
-        partitions = self._tables[table]
-        keys = partitions[partition]
-        if keys[key] > 1:
-            keys[key] -= 1
-            return
-        del keys[key]
-        if not keys:
-            del partitions[partition]
-            if not partitions:
-                del self._tables[table]
 
     def written(self, table: Table, partition: Partition = None) -> int:
         """Make later reads of `partition` (None: the whole table) start fresh.

@@ -334,19 +334,20 @@ class ClientConnection(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
-        self._activity = self._proxy.loop_time()
-        at_boundary = self._decoder.buffered == 0
+        proxy = self._proxy
+        self._activity = proxy.loop_time()
+        decoder = self._decoder
         try:
-            frames = self._decoder.feed(data)
+            frames = decoder.feed(data)
         except ProtocolVersionError as exc:
             self._reject_version(exc.version, exc.stream)
             return
         except CQLProtocolError as exc:
-            stream = first_bad_stream(data, self._decoder.max_body) if at_boundary else 0
+            # `_partial` is what the decoder held before this feed (`_track_partial`).
+            stream = first_bad_stream(data, decoder.max_body) if not self._partial else 0
             self._fatal(stream, exc.message)
             return
-        proxy = self._proxy
-        if self._decoder.buffered != self._partial and self._track_partial():
+        if decoder.buffered != self._partial and self._track_partial():
             return
         seq = proxy.ingest_seq = proxy.ingest_seq + 1
         now = self._activity
@@ -450,7 +451,10 @@ class ClientConnection(asyncio.Protocol):
             self._held -= len(flight.body)
 
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
-        self._release_flight(flight)
+        self._flights.discard(flight)  # `_release_flight`, inline on the merged path
+        if flight.starter is self:
+            flight.starter = None
+            self._held -= len(flight.body)
         self._answered(len(streams))
         self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
 
@@ -568,7 +572,8 @@ class ClientConnection(asyncio.Protocol):
                         self._pending += 1
                         joined += 1
                         continue
-                self._end_run(run, joined)
+                if joined or run[6]:
+                    self._end_run(run, joined)
                 joined = 0
                 run = None
             if self._closed or self._write_paused or self._pending >= max_requests or (
@@ -580,7 +585,7 @@ class ClientConnection(asyncio.Protocol):
             self._run = None
             dispatch(frame)
             run = self._run
-        if run is not None:
+        if run is not None and (joined or run[6]):  # (a run of one settles nothing)
             self._end_run(run, joined)
         return len(frames)
 
@@ -694,9 +699,16 @@ class ClientConnection(asyncio.Protocol):
                     elif opcode == _QUERY and body.startswith(FORGET_PREFIX):
                         self._on_forget(stream, body)
                         return
-                if (opcode in _FAST and not flags & _UNMERGEABLE and len(body) > 13
-                        and self._join_planned(stream, opcode, body)):
-                    return
+                key = None  # the body as `_fast` remembers it (the herd's path)
+                if opcode in _FAST and not flags & _UNMERGEABLE and 13 < len(body) <= _FAST_BODY:
+                    at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
+                        4 + int.from_bytes(body[:4], "big", signed=True))
+                    if 2 + at < len(body):
+                        key = body[:-8] if body[at + 2] & _TIMESTAMP else body
+                        known = self._fast[opcode].get(key)
+                        if known is not None and self._join_planned(stream, opcode, body, key,
+                                                                    known):
+                            return
                 request = Request(stream, opcode, flags, body)
                 p = plan(request, self.role, self.keyspace, proxy.statements)
                 if type(p) is Merge:
@@ -711,13 +723,11 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         self._write_error(stream, ErrorCode.OVERLOADED,
                                           "too many requests wait for this read")
-                    if (flight is not None and flight is not _FULL and opcode in _FAST
-                            and len(body) <= _FAST_BODY):
-                        # Remembered for `_join_planned`, keyed as it looks requests up.
+                    if key is not None and flight is not None and flight is not _FULL:
+                        # Remembered for `_join_planned`.
                         fast = self._fast[opcode]
                         if len(fast) >= _FAST_ENTRIES:
                             fast.clear()
-                        key = body[:-8] if request.query_flags & _TIMESTAMP else body
                         fast[key] = flight
                         if flight.joinable:
                             self._begin_run(flight, opcode, len(body), key,
@@ -740,18 +750,11 @@ class ClientConnection(asyncio.Protocol):
             self._write_error(stream, ErrorCode.SERVER_ERROR, f"sidecar error: {exc!r}")
             self.close()
 
-    def _join_planned(self, stream: int, opcode: int, body: bytes) -> bool:
-        """The herd's path: a body identical (but for its timestamp) to one this
-        connection planned and checked joins that flight without being read again.
-        False when there is no such flight to join (the request is then planned)."""
-        at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
-            4 + int.from_bytes(body[:4], "big", signed=True))
-        if 2 + at >= len(body):
-            return False
-        key = body[:-8] if body[at + 2] & _TIMESTAMP else body
-        flight = self._fast[opcode].get(key)
-        if flight is None:
-            return False
+    def _join_planned(self, stream: int, opcode: int, body: bytes, key: bytes,
+                      flight: Flight) -> bool:
+        """The herd's path: a body identical (but for its timestamp: `key`) to one this
+        connection planned and checked joins that `flight` without being read again.
+        False when the flight cannot be joined (the request is then planned)."""
         proxy = self._proxy
         if not flight.joinable:
             if flight.settled_seq < self._seq:

@@ -133,9 +133,6 @@ class Exchange:
             self.statement = None
             self.pool.upstream.spawn(self._send_after(self._reprepared(statement)))
             return
-        self._settle(outcome)
-
-    def _settle(self, outcome: Outcome) -> None:
         if isinstance(outcome, UpstreamError):
             self.pool.upstream.errors += 1
         try:
@@ -152,10 +149,10 @@ class Exchange:
         try:
             conn = await ready
         except UpstreamError as exc:
-            self._settle(exc)
+            self(exc)
             return
         except asyncio.CancelledError:
-            self._settle(UpstreamLost("the sidecar is shutting down"))
+            self(UpstreamLost("the sidecar is shutting down"))
             raise
         self._send(conn)
 

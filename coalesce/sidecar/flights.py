@@ -198,7 +198,8 @@ class Flight(Exchange):
                 waiter.refuse(self, streams, outcome)
         else:
             answer = self.answer = Answer(outcome)
-            if current:
+            ingest = flights.ingest
+            if current and ingest is not None and ingest.backlogged:
                 flights._settle(self)
             for waiter, streams in waiters.items():
                 waiter.answer(self, streams, answer)
@@ -404,10 +405,10 @@ class Flights:
         self._shed_recent = 0
 
     def _settle(self, flight: Flight) -> None:
-        """`flight` was answered: requests already read but not dispatched may share it."""
+        """`flight` was answered while requests already read wait undispatched in
+        `ingest`'s backlogs: they may share its answer."""
         ingest = self.ingest
-        if ingest is None or not ingest.backlogged:
-            return
+        assert ingest is not None
         old = self._settled.pop(flight.key, None)
         if old is not None:
             self._unsettle(old)
@@ -418,7 +419,7 @@ class Flights:
     def _unsettle(self, flight: Flight) -> None:
         flight.settled_seq = -1
         flight.answer = None
-        self.freshness.untrack(flight.key, flight.table, flight.partition)
+        self.freshness.drop(flight.key, flight.table, flight.partition)  # (no linger)
 
     def _send(self, flight: Flight) -> None:
         self.running += 1
@@ -434,7 +435,7 @@ class Flights:
             del self._by_key[flight.key]
         if flight.state == _SENT:
             self.running -= 1
-            self.freshness.untrack(flight.key, flight.table, flight.partition)
+            self.freshness.drop(flight.key, flight.table, flight.partition)  # (no linger)
         elif flight in self._queue:
             self._queue.remove(flight)
         flight.state = _DONE
