@@ -859,8 +859,8 @@ def split_extras(flags: int, body: bytes, *, response: bool) -> tuple[BodyExtras
     set (the body is returned as is). Raises `CQLProtocolError` if a
     prefix is malformed.
     """
-    if not flags & ~_NO_EXTRAS_FLAGS:
-        return _EMPTY_EXTRAS, body
+    if not flags & (~_NO_EXTRAS_FLAGS if response else CUSTOM_PAYLOAD):
+        return _EMPTY_EXTRAS, body  # (a request's TRACING and WARNING flags add no bytes)
 
     def read(r: Reader) -> BodyExtras:
         extras = BodyExtras()

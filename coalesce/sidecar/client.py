@@ -371,7 +371,13 @@ class ClientConnection(asyncio.Protocol):
             self._update_reading()
         self._seq = seq
         self.read_at = now
-        self._dispatch_all(seq, now, frames)
+        if len(frames) == 1 and not (self._closed or self._write_paused  # (`_dispatch_all`)
+                                     or self._pending >= self._max_requests
+                                     or self._held >= self._max_held):
+            self._dispatch(frames[0])  # one request alone: nothing to run with
+            self._run = None
+        else:
+            self._dispatch_all(seq, now, frames)
 
     def _track_partial(self) -> bool:
         """Account for the bytes of an unfinished frame; True if that closed us.
