@@ -177,14 +177,15 @@ class _Forward(Exchange):
 
     def _deliver(self, outcome: Outcome) -> None:
         client = self.client
-        proxy = client._proxy
-        client._held -= len(self.body)
-        client._answered(1)
-        proxy.stats.latency["forwarded"].observe(proxy.loop_time() - self.read_at)
         if isinstance(outcome, UpstreamError):
             client._write_failure(self.stream, outcome)
         else:
             client._write_frame(self.stream, outcome.opcode, outcome.flags, outcome.body)
+        # The bookkeeping once the answer has left: nothing runs in between.
+        proxy = client._proxy
+        client._held -= len(self.body)
+        client._answered(1)
+        proxy.stats.latency["forwarded"].observe(proxy.loop_time() - self.read_at)
 
     def fail(self, error: UpstreamError) -> None:
         self.client._held -= len(self.body)
@@ -457,30 +458,31 @@ class ClientConnection(asyncio.Protocol):
             self._held -= len(flight.body)
 
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
+        self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
         self._flights.discard(flight)  # `_release_flight`, inline on the merged path
         if flight.starter is self:
             flight.starter = None
             self._held -= len(flight.body)
         self._answered(len(streams))
-        self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
 
     def _write_answer(self, streams: list[int], answer: Answer, read_at: float) -> None:
-        proxy = self._proxy
-        proxy.stats.latency["merged"].observe(proxy.loop_time() - read_at, len(streams))
         out = self._out
-        if out is None or self._closed:
-            return
-        if self._write_paused and self._over_hard_limit():
-            for stream in streams:
-                self._write_error(stream, ErrorCode.OVERLOADED, _NOT_READING)
-            return
-        if len(streams) == 1:  # one copy of the body, as for a forwarded answer
-            body = answer.lz4_body() if self._lz4 and answer.body else answer.body
-            flags = answer.flags | _COMPRESSION if body is not answer.body else answer.flags
-            out.put(_HEADER.pack(_RESPONSE_V4, flags, streams[0], answer.opcode, len(body))
-                    + body)
-            return
-        # One buffer for the whole connection; only the stream ids differ.
+        if out is not None and not self._closed:
+            if self._write_paused and self._over_hard_limit():
+                for stream in streams:
+                    self._write_error(stream, ErrorCode.OVERLOADED, _NOT_READING)
+            elif len(streams) == 1:  # one copy of the body, as for a forwarded answer
+                body = answer.lz4_body() if self._lz4 and answer.body else answer.body
+                flags = answer.flags | _COMPRESSION if body is not answer.body else answer.flags
+                out.put(_HEADER.pack(_RESPONSE_V4, flags, streams[0], answer.opcode, len(body))
+                        + body)
+            else:
+                self._write_copies(out, streams, answer)
+        proxy = self._proxy  # counted once the answer has left
+        proxy.stats.latency["merged"].observe(proxy.loop_time() - read_at, len(streams))
+
+    def _write_copies(self, out: Outbox, streams: list[int], answer: Answer) -> None:
+        """`answer` to every one of `streams`, in one buffer: only the stream ids differ."""
         frame = answer.frame(self._lz4)
         size = len(frame)
         data = bytearray(frame * len(streams))

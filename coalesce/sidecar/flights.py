@@ -190,20 +190,23 @@ class Flight(Exchange):
             return
         flights = self.flights
         current = self.joinable  # not forgotten by a write: its answer is still current
-        flights._ended(self, outcome)
         waiters = self.waiters
         self.waiters = {}
+        # The answers leave first: the table's bookkeeping after them is nobody's latency,
+        # and nothing else runs in between.
         if isinstance(outcome, UpstreamError):
             for waiter, streams in waiters.items():
                 waiter.refuse(self, streams, outcome)
+            flights._ended(self, outcome)
         else:
             answer = self.answer = Answer(outcome)
+            for waiter, streams in waiters.items():
+                waiter.answer(self, streams, answer)
+            flights._ended(self, outcome)
             ingest = flights.ingest
             if current and ingest is not None and ingest.backlogged:
                 flights._settle(self)
-            for waiter, streams in waiters.items():
-                waiter.answer(self, streams, answer)
-            if self.settled_seq < 0:
+            elif self.settled_seq < 0:
                 self.answer = None  # kept only while requests read before it may need it
         self.arrived = {}
 
@@ -336,6 +339,10 @@ class Flights:
         if running and len(self._queue) >= self.max_queued:
             self._shed()
             return False
+        if running:
+            self._queue.append(flight)
+        else:  # first: no answer can come before the bookkeeping below is done
+            self._send(flight)
         flight.waiters[waiter] = [stream]
         flight.arrived[waiter] = waiter.read_at
         flight.count = 1
@@ -345,10 +352,6 @@ class Flights:
             old.joinable = False
         self._by_key[flight.key] = flight
         flight.joinable = True
-        if running:
-            self._queue.append(flight)
-        else:
-            self._send(flight)
         return True
 
     def forget(self, key: Hashable) -> bool:
@@ -422,11 +425,11 @@ class Flights:
         self.freshness.drop(flight.key, flight.table, flight.partition)  # (no linger)
 
     def _send(self, flight: Flight) -> None:
-        self.running += 1
         flight.state = _SENT
         flight.started = time.perf_counter()
+        flight.start()  # (its answer comes in a later callback, never from inside)
+        self.running += 1
         self.freshness.track(flight.key, flight.table, flight.partition)
-        flight.start()
 
     def _release(self, flight: Flight) -> None:
         """`flight` leaves the table and gives its slot to the next queued flight."""
