@@ -557,29 +557,21 @@ class ClientConnection(asyncio.Protocol):
         max_requests = self._max_requests
         max_waiters = self._proxy.flights.max_waiters
         run: _Run | None = None
-        joined = 0
+        joined = room = 0
+        # The current run, unpacked (see `_begin_run`).
+        opcode = flags = size = 0
+        prefix = b""
+        streams: list[int] = []
         for i, frame in enumerate(frames):
             if run is not None:
-                # Within a run nothing but `_pending` moves: no other bound is looked at.
-                flight, opcode, flags, size, prefix, streams, answered = run
                 body = frame[5]
                 # A request, v4 (a response or another version closes the connection).
-                if (frame[4] == opcode and frame[2] == flags and len(body) == size
-                        and frame[0] == 4 and not frame[1] and body.startswith(prefix)):
-                    if answered:  # read before its answer came: answered with it, at once
-                        # As many as requests taken may be (their answers are written
-                        # whole, paused or not); then the bounds are looked at again.
-                        if self._pending + len(streams) < max_requests:
-                            streams.append(frame[3])
-                            joined += 1
-                            continue
-                    elif (flight.joinable and self._pending < max_requests
-                            and (max_waiters is None or flight.count < max_waiters)):
-                        streams.append(frame[3])
-                        flight.count += 1
-                        self._pending += 1
-                        joined += 1
-                        continue
+                if (joined < room and frame[4] == opcode and frame[2] == flags
+                        and len(body) == size and frame[0] == 4 and not frame[1]
+                        and body.startswith(prefix)):
+                    streams.append(frame[3])
+                    joined += 1
+                    continue
                 if joined or run[6]:
                     self._end_run(run, joined)
                 joined = 0
@@ -593,6 +585,18 @@ class ClientConnection(asyncio.Protocol):
             self._run = None
             dispatch(frame)
             run = self._run
+            if run is not None:
+                # Nothing but this loop runs until the run ends: its flight stays
+                # joinable, and the bounds move only by what the run adds.
+                flight, opcode, flags, size, prefix, streams, answered = run
+                if answered:  # read before its answer came: answered with it, at once,
+                    # as many as requests taken may be (their answers are written whole,
+                    # paused or not); then the bounds are looked at again.
+                    room = max_requests - self._pending - len(streams)
+                else:
+                    room = max_requests - self._pending
+                    if max_waiters is not None and max_waiters - flight.count < room:
+                        room = max_waiters - flight.count
         if run is not None and (joined or run[6]):  # (a run of one settles nothing)
             self._end_run(run, joined)
         return len(frames)
@@ -609,6 +613,8 @@ class ClientConnection(asyncio.Protocol):
             assert flight.answer is not None
             self._write_answer(streams, flight.answer, self.read_at)
         else:
+            flight.count += joined
+            self._pending += joined
             proxy.in_flight += joined
 
     def _begin_run(self, flight: Flight, opcode: int, size: int, prefix: bytes,
