@@ -99,6 +99,8 @@ _HOP_SIZE: Final = len(HOP)
 _TIMESTAMP: Final = 0x20  # <query_parameters> flag: the client's default timestamp
 _EXECUTE: Final = int(Opcode.EXECUTE)
 _QUERY: Final = int(Opcode.QUERY)
+_RESULT: Final = int(Opcode.RESULT)
+_ERROR: Final = int(Opcode.ERROR)
 _FAST: Final = frozenset({_EXECUTE, _QUERY})
 _FAST_ENTRIES: Final = 64
 _FAST_BODY: Final = 4096  # herds repeat small requests; a large body is not remembered
@@ -151,7 +153,7 @@ class _Forward(Exchange):
         client = self.client
         proxy = client._proxy
         p = self.plan
-        if type(outcome) is Frame and outcome.opcode == Opcode.RESULT:
+        if type(outcome) is Frame and outcome.opcode == _RESULT:
             if p.learn:
                 _learn(proxy, outcome, self.text, self.pool.keyspace)
             elif p.rewrite is not None:
@@ -1030,7 +1032,7 @@ class ClientConnection(asyncio.Protocol):
         out = self._out
         if out is None or self._closed:
             return
-        if self._write_paused and opcode != Opcode.ERROR and self._over_hard_limit():
+        if self._write_paused and opcode != _ERROR and self._over_hard_limit():
             opcode, flags, body = Opcode.ERROR, 0, Error(ErrorCode.OVERLOADED,
                                                         _NOT_READING).encode()
         if self._lz4 and body:

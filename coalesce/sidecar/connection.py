@@ -384,7 +384,10 @@ class UpstreamConnection(asyncio.Protocol):
             if callback is None:
                 continue  # an answer to nothing: ignore, as drivers do
             free.append(stream)
-            _deliver(callback, frame)
+            try:  # `_deliver`, inline: what a callback raises stays with its request
+                callback(frame)
+            except Exception:
+                _log.exception("a response callback failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:

@@ -48,6 +48,7 @@ __all__ = ["Exchange", "error_code", "is_unprepared"]
 
 _HOP: Final = w_bytes_map({"coalesce-hop": b""})  # peers.HOP (which imports this module)
 
+_ERROR: Final = int(Opcode.ERROR)  # plain ints: IntEnum member lookups are slow
 _log = logging.getLogger(__name__)
 
 _EXTRAS: Final = TRACING | WARNING | CUSTOM_PAYLOAD
@@ -128,7 +129,7 @@ class Exchange:
 
     def __call__(self, outcome: Outcome) -> None:
         statement = self.statement
-        if (statement is not None and type(outcome) is Frame and outcome.opcode == Opcode.ERROR
+        if (statement is not None and type(outcome) is Frame and outcome.opcode == _ERROR
                 and is_unprepared(outcome) and not self.abandoned):
             self.statement = None
             self.pool.upstream.spawn(self._send_after(self._reprepared(statement)))
