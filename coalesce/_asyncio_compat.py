@@ -44,8 +44,6 @@ except ImportError:  # pragma: no cover - a CPython without them
     _enter = _leave = None
 
 
-
-
 def _unavailable(loop: AbstractEventLoop, task: Task[Any]) -> None:
     raise RuntimeError("asyncio.tasks has no _enter_task/_leave_task")
 
