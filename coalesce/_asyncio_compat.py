@@ -27,6 +27,8 @@ __all__ = [
     "FALLBACK_REASON",
     "FORCE_FALLBACK_ENV",
     "INLINE_FIRST_STEP",
+    "enter_task",
+    "leave_task",
     "quiet_when_destroyed",
     "swap_current_task",
 ]
@@ -40,6 +42,16 @@ try:
     from asyncio.tasks import _leave_task as _leave
 except ImportError:  # pragma: no cover - a CPython without them
     _enter = _leave = None
+
+
+def _unavailable(loop: AbstractEventLoop, task: Task[Any]) -> None:
+    raise RuntimeError("asyncio.tasks has no _enter_task/_leave_task")
+
+
+#: `_enter_task` and `_leave_task` themselves, for the first step's hot path, where a
+#: Python wrapper would cost a call each way. Only valid while `INLINE_FIRST_STEP` is True.
+enter_task: Callable[[AbstractEventLoop, Task[Any]], None] = _enter or _unavailable
+leave_task: Callable[[AbstractEventLoop, Task[Any]], None] = _leave or _unavailable
 
 
 def swap_current_task(

@@ -356,87 +356,42 @@ class SingleFlight(Generic[T]):
         gets `ReentrantCallError` instead.
         """
         loop = _get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
         flight = self._flights.get(key)
         caller = _current_task(loop)
-        max_waiters = self.max_waiters
         if (
             flight is not None
             and (shared := flight.shared) is not None
+            and loop is self._loop
             and timeout is None
-            and (max_waiters is None or flight.waiting < max_waiters)
             and caller is not None
             and caller not in _owners
-        ):  # the common joiner, checked first: a herd is made of them
+            and (self.max_waiters is None or flight.waiting < self.max_waiters)
+        ):  # the common joiner, checked first and alone: a herd is made of them
             if self._stats is not None:
                 self._stats.joined += 1
         else:
-            if flight is None:
-                if self.max_inflight is not None and self._running >= self.max_inflight:
-                    flight = self._enqueue(key, fn, args, kwargs, loop)
-                else:
-                    runner = self._runner
-                    self._running += 1  # counted during the first step: nested calls see it
-                    try:
-                        call = fn(*args, **kwargs)
-                    except BaseException:
-                        self._running -= 1
-                        raise
-                    if runner is None or runner.busy or type(call) is not types.CoroutineType:
-                        # No inline step: the fallback, a first step nested inside another
-                        # one, or not a coroutine.
-                        flight = self._start(key, call, loop)
-                    else:
-                        started = time.perf_counter()
-                        context = contextvars.copy_context()
-                        owner = runner.ready()
-                        runner.busy = True
-                        _asyncio_compat.swap_current_task(loop, caller, owner)
-                        try:
-                            pending = context.run(call.send, None)
-                        except StopIteration as stop:
-                            self._running -= 1
-                            if self._stats is not None:
-                                self._stats.started += 1
-                                self._stats.ended(None, 1, time.perf_counter() - started)
-                            if self.linger and key not in self._flights:
-                                self._linger(key, stop.value)
-                            return stop.value  # type: ignore[no-any-return]
-                        except BaseException as exc:
-                            self._running -= 1
-                            if self._stats is not None:
-                                self._stats.started += 1
-                                self._stats.ended(exc, 1, time.perf_counter() - started)
-                            raise
-                        finally:
-                            _asyncio_compat.swap_current_task(loop, owner, caller)
-                            runner.busy = False
-                        flight = _Flight(key, loop.create_future())
-                        flight.started_at = started
-                        # A call nested in the first step may have taken the key meanwhile:
-                        # then this one runs detached, for its first caller alone.
-                        self._flights.setdefault(key, flight)
-                        runner.hand_off((self, flight, call, context, pending))
-                if self._stats is not None:
-                    self._stats.started += 1
-            else:
-                flight = self._join(flight, caller, max_waiters)
-                if type(flight) is not _Flight:  # a lingering result
-                    return flight  # type: ignore[no-any-return]
+            # Everything else lives in `_arrive`, so that this coroutine, one per caller
+            # of a herd, keeps a small frame: fewer slots to clear, and to traverse at
+            # every garbage collection while it waits.
+            flight = self._arrive(key, fn, args, kwargs, loop, caller, flight)
+            if type(flight) is not _Flight:  # finished in its first step, or lingering
+                return flight  # type: ignore[no-any-return]
             shared = flight.shared
-            nested = caller in _owners  # a call made from inside another call's owner task
-            if shared is None or timeout is not None or nested or caller is None:
+            if shared is None or timeout is not None or caller is None or caller in _owners:
                 flight.waiting += 1
-                return await self._wait(flight, loop, caller, nested, timeout)  # type: ignore[no-any-return]
+                return await self._wait(flight, loop, caller, timeout)  # type: ignore[no-any-return]
         flight.waiting += 1
         cancelled = caller.cancelling()
         # A herd's waiters hold nothing they no longer need: 10,000 keys and argument
-        # tuples kept alive are 10,000 more objects for every garbage collection.
-        del key, fn, args, kwargs
+        # tuples kept alive are 10,000 more objects for every garbage collection, and
+        # every reference a waiting frame keeps is one more for each collection to follow
+        # (the rare paths below look the task and the loop up again).
+        del key, fn, args, kwargs, loop, caller
         try:
             return await shared  # type: ignore[no-any-return]
         except CancelledError:
+            caller = _current_task()  # not kept while waiting: see above
+            assert caller is not None
             if caller.cancelling() > cancelled or isinstance(flight.exception, CancelledError):
                 self._leave(flight, timed_out=False)  # this caller, or the call, was cancelled
                 raise
@@ -454,7 +409,83 @@ class SingleFlight(Generic[T]):
             raise flight.exception.with_traceback(flight.traceback)
         if flight.shared is shared:
             flight.shared = None
-        return await self._wait(flight, loop, caller, False, None)  # type: ignore[no-any-return]
+        return await self._wait(flight, _get_running_loop(), caller, None)  # type: ignore[no-any-return]
+
+    def _arrive(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        loop: AbstractEventLoop,
+        caller: Task[Any] | None,
+        flight: _Flight | None,
+    ) -> Any:
+        """A caller the common joiner path did not take: the flight to wait for, or the
+        outcome itself (a call that finished in its first step, a lingering result).
+
+        Binds the group to `loop`, then starts the key's call (inline, queued, or in a
+        task of its own) or joins the one in flight through `_join`.
+        """
+        if loop is not self._loop:
+            self._bind(loop)
+            flight = self._flights.get(key)  # binding may have cleared the table
+        if flight is not None:
+            return self._join(flight, caller, self.max_waiters)
+        if self.max_inflight is not None and self._running >= self.max_inflight:
+            flight = self._enqueue(key, fn, args, kwargs, loop)
+        else:
+            runner = self._runner
+            self._running += 1  # counted during the first step: nested calls see it
+            try:
+                call = fn(*args, **kwargs)
+            except BaseException:
+                self._running -= 1
+                raise
+            if runner is None or runner.busy or type(call) is not types.CoroutineType:
+                # No inline step: the fallback, a first step nested inside another
+                # one, or not a coroutine.
+                flight = self._start(key, call, loop)
+            else:
+                started = time.perf_counter()
+                context = contextvars.copy_context()
+                owner = runner.standby
+                if runner.job.done() or owner.cancelling():
+                    owner = runner.ready()
+                runner.busy = True
+                if caller is not None:
+                    _asyncio_compat.leave_task(loop, caller)
+                _asyncio_compat.enter_task(loop, owner)
+                try:
+                    pending = context.run(call.send, None)
+                except StopIteration as stop:
+                    self._running -= 1
+                    if self._stats is not None:
+                        self._stats.started += 1
+                        self._stats.ended(None, 1, time.perf_counter() - started)
+                    if self.linger and key not in self._flights:
+                        self._linger(key, stop.value)
+                    return stop.value
+                except BaseException as exc:
+                    self._running -= 1
+                    if self._stats is not None:
+                        self._stats.started += 1
+                        self._stats.ended(exc, 1, time.perf_counter() - started)
+                    raise
+                finally:
+                    _asyncio_compat.leave_task(loop, owner)
+                    if caller is not None:
+                        _asyncio_compat.enter_task(loop, caller)
+                    runner.busy = False
+                flight = _Flight(key, loop.create_future())
+                flight.started_at = started
+                # A call nested in the first step may have taken the key meanwhile:
+                # then this one runs detached, for its first caller alone.
+                self._flights.setdefault(key, flight)
+                runner.hand_off((self, flight, call, context, pending))
+        if self._stats is not None:
+            self._stats.started += 1
+        return flight
 
     def call(
         self,
@@ -501,16 +532,16 @@ class SingleFlight(Generic[T]):
         flight: _Flight,
         loop: AbstractEventLoop,
         caller: Task[Any] | None,
-        nested: bool,
         timeout: float | None,
     ) -> Any:
         """Wait for `flight` on a future of this caller's own (already counted waiting)."""
         waiter: Future[Any] = loop.create_future()
         flight.waiters.append(waiter)
         timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-        if nested:
-            assert caller is not None
-            _joined[caller] = flight
+        # A call made from inside another call's owner task: recorded for cycle detection.
+        nested = caller if caller is not None and caller in _owners else None
+        if nested is not None:
+            _joined[nested] = flight
         try:
             return await waiter
         except GeneratorExit:
@@ -520,8 +551,8 @@ class SingleFlight(Generic[T]):
                 self._leave(flight, timed_out=isinstance(exc, TimeoutError))
             raise
         finally:
-            if nested:
-                _joined.pop(caller, None)  # type: ignore[arg-type]
+            if nested is not None:
+                _joined.pop(nested, None)
             if timer is not None:
                 timer.cancel()
 

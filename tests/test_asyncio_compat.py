@@ -75,6 +75,8 @@ async def test_fallback_shares_calls_without_touching_private_asyncio(monkeypatc
     monkeypatch.setattr(_asyncio_compat, "INLINE_FIRST_STEP", False)
     monkeypatch.setattr(_asyncio_compat, "_enter", forbidden)
     monkeypatch.setattr(_asyncio_compat, "_leave", forbidden)
+    monkeypatch.setattr(_asyncio_compat, "enter_task", forbidden)
+    monkeypatch.setattr(_asyncio_compat, "leave_task", forbidden)
     monkeypatch.setattr(_asyncio_compat, "quiet_when_destroyed", forbidden)
     group: SingleFlight[Any] = SingleFlight(metrics=False)
     backend = Backend()

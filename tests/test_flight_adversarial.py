@@ -1166,6 +1166,23 @@ async def test_each_of_several_cancelled_callers_leaves_alone(groups):
     assert await asyncio.gather(*callers[5:]) == ["answer"] * 15
 
 
+async def test_callers_of_a_herd_leaving_one_turn_at_a_time_take_the_call_down_with_the_last(
+    groups,
+):
+    # The first leaves through the shared future, the rest from the private futures
+    # the survivors moved to: the last one to go must still cancel the call.
+    group, backend = groups(), Backend()
+    callers = [asyncio.create_task(group.do("k", backend)) for _ in range(5)]
+    await settle()
+    for turn, caller in enumerate(callers):
+        caller.cancel()
+        await settle()
+        assert caller.cancelled()
+        assert all(c.cancelling() == 0 and not c.done() for c in callers[turn + 1 :])
+        assert backend.cancelled == (turn == len(callers) - 1)
+    assert backend.calls == 1 and len(group) == 0 and group.running == 0
+
+
 async def test_caller_already_cancelling_when_it_joins_is_not_taken_for_the_cancelled_one(
     groups,
 ):
