@@ -461,10 +461,7 @@ class ClientConnection(asyncio.Protocol):
 
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
         self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
-        self._flights.discard(flight)  # `_release_flight`, inline on the merged path
-        if flight.starter is self:
-            flight.starter = None
-            self._held -= len(flight.body)
+        self._release_flight(flight)  # once the answer has left: nothing runs in between
         self._answered(len(streams))
 
     def _write_answer(self, streams: list[int], answer: Answer, read_at: float) -> None:
