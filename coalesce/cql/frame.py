@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 import lz4.block
 
@@ -137,6 +137,29 @@ class FrameDecoder:
         Frame bodies are slices of `data` (or of the internal buffer), never
         views into caller-owned memory.
         """
+        return cast(list[Frame], self._feed(data, False)[0])  # no int: nothing folded
+
+    def feed_folded(self, data: bytes | bytearray | memoryview
+                    ) -> tuple[list[Frame | int], bytes]:
+        """`feed`, folding repeats: return the completed frames and the bytes they came from.
+
+        A frame equal to the last whole `Frame` before it in the list, but for its stream
+        id (header bytes 2-3) and the last 8 bytes of its body (where a request's
+        default timestamp goes), is returned as an int instead: its offset in the bytes
+        returned, where `frame_at` reads it whole. Folded frames cost a comparison, not
+        a decoded tuple: a herd of identical requests arrives as such repeats.
+        """
+        return self._feed(data, True)
+
+    @staticmethod
+    def frame_at(src: bytes, off: int) -> Frame:
+        """The frame `feed_folded` folded at offset `off` of `src`, decoded whole."""
+        ver, flags, stream, op, length = _unpack_header(src, off)
+        return _new_frame(Frame, (ver & 0x7F, ver >= 0x80, flags, stream, op,
+                                  src[off + 9 : off + 9 + length]))
+
+    def _feed(self, data: bytes | bytearray | memoryview, fold: bool
+              ) -> tuple[list[Frame | int], bytes]:
         if self._error is not None:
             raise CQLProtocolError(f"decoder already failed: {self._error.message}")
         if not self._buf and type(data) is bytes and len(data) >= 9:
@@ -149,7 +172,7 @@ class FrameDecoder:
                 and op in _VALID_OPCODES
                 and length <= self._max_body
             ):
-                return [_new_frame(Frame, (4, ver == 0x84, flags, stream, op, data[9:]))]
+                return [_new_frame(Frame, (4, ver == 0x84, flags, stream, op, data[9:]))], data
         # Frame bodies must be immutable bytes, never views of caller memory.
         chunk = data if type(data) is bytes else bytes(data)
         buf = self._buf
@@ -157,18 +180,27 @@ class FrameDecoder:
             buf += chunk
             if len(buf) < self._need:
                 self.buffered = len(buf)
-                return []
+                return [], b""
             src: bytes = bytes(buf)
         else:
             src = chunk
-        frames: list[Frame] = []
+        frames: list[Frame | int] = []
         append = frames.append
         unpack = _HEADER.unpack_from
         opcodes = _VALID_OPCODES
         max_body = self._max_body
         n = len(src)
         off = 0
+        # The last whole frame, when folding: its first two header bytes, its header
+        # from the opcode on with its body but the last 8 bytes, and its size.
+        head = rest = b""
+        size = 0
         while n - off >= 9:
+            if (size and off + size <= n and src.startswith(head, off)
+                    and src.startswith(rest, off + 4)):
+                append(off)
+                off += size
+                continue
             ver, flags, stream, op, length = unpack(src, off)
             version = ver & 0x7F
             if (version != 4 and version != 3) or op not in opcodes or not 0 <= length <= max_body:
@@ -178,6 +210,10 @@ class FrameDecoder:
                 self._need = end - off
                 break
             append(_new_frame(Frame, (version, ver >= 0x80, flags, stream, op, src[off + 9 : end])))
+            if fold:
+                head = src[off : off + 2]
+                rest = src[off + 4 : max(end - 8, off + 9)]
+                size = end - off
             off = end
         else:
             self._need = 0
@@ -189,7 +225,7 @@ class FrameDecoder:
         elif off:
             del buf[:off]
         self.buffered = len(buf)
-        return frames
+        return frames, src
 
     def _check_partial_header(self, src: bytes, off: int) -> None:
         # A v1/v2 header is only 8 bytes: an old client would wait forever for

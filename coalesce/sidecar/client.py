@@ -257,7 +257,9 @@ class ClientConnection(asyncio.Protocol):
         # Frames read but not dispatched yet, with the ingest sequence number of the
         # read that brought them (see `Proxy.ingest`); `_seq` is that of the frame
         # being dispatched now.
-        self._backlog: deque[tuple[int, float, list[Frame]]] = deque()
+        # Reads not yet dispatched: (ingest seq, read at, frames, the bytes they came
+        # from), as `FrameDecoder.feed_folded` gave them.
+        self._backlog: deque[tuple[int, float, list[Frame | int], bytes]] = deque()
         self._seq = 0
         self.read_at = 0.0  # loop time of the read that brought the frame being dispatched
         self.queued = False  # waiting in the proxy's queue for ingest budget
@@ -341,7 +343,7 @@ class ClientConnection(asyncio.Protocol):
         self._activity = proxy.loop_time()
         decoder = self._decoder
         try:
-            frames = decoder.feed(data)
+            frames, src = decoder.feed_folded(data)
         except ProtocolVersionError as exc:
             self._reject_version(exc.version, exc.stream)
             return
@@ -356,20 +358,20 @@ class ClientConnection(asyncio.Protocol):
         now = self._activity
         if self._backlog:
             if frames:
-                self._backlog.append((seq, now, frames))
+                self._backlog.append((seq, now, frames, src))
             return
         # A ring member's reads are one per flight of its own herd: they must meet the
         # flight here while it is in flight, not wait behind client backlogs. Only its
         # leading hop-marked frames, a budget's worth at most, skip the budget: any
         # client can mark one read, and must not get the loop to itself by it.
         if self._member:
-            budget = _hop_marked(frames)
+            budget = _hop_marked(frames, src)
             if budget < len(frames):
                 budget += proxy.take_budget(len(frames) - budget)
         else:
             budget = proxy.take_budget(len(frames))
         if budget < len(frames):
-            self._backlog.append((seq, now, frames[budget:]))
+            self._backlog.append((seq, now, frames[budget:], src))
             frames = frames[:budget]
             self._update_reading()
         self._seq = seq
@@ -377,10 +379,11 @@ class ClientConnection(asyncio.Protocol):
         if len(frames) == 1 and not (self._closed or self._write_paused  # (`_dispatch_all`)
                                      or self._pending >= self._max_requests
                                      or self._held >= self._max_held):
-            self._dispatch(frames[0])  # one request alone: nothing to run with
+            # One request alone: nothing to run with (a read's first frame is never folded).
+            self._dispatch(cast(Frame, frames[0]))
             self._run = None
         else:
-            self._dispatch_all(seq, now, frames)
+            self._dispatch_all(seq, now, frames, src)
 
     def _track_partial(self) -> bool:
         """Account for the bytes of an unfinished frame; True if that closed us.
@@ -530,38 +533,57 @@ class ClientConnection(asyncio.Protocol):
         backlog = self._backlog
         taken = 0
         while backlog and taken < budget and not self._closed and not self.blocked:
-            seq, read_at, frames = backlog[0]
+            seq, read_at, frames, src = backlog[0]
             room = budget - taken
             if len(frames) > room:
-                backlog[0] = (seq, read_at, frames[room:])
+                backlog[0] = (seq, read_at, frames[room:], src)
                 frames = frames[:room]
             else:
                 backlog.popleft()
             self._seq = seq
             self.read_at = read_at
-            taken += self._dispatch_all(seq, read_at, frames)
+            taken += self._dispatch_all(seq, read_at, frames, src)
         self._update_reading()
         return taken
 
-    def _dispatch_all(self, seq: int, read_at: float, frames: list[Frame]) -> int:
-        """Dispatch `frames` (read by read `seq`) until the client is over a bound; the
-        rest goes to the front of the backlog. Returns how many were dispatched.
+    def _dispatch_all(self, seq: int, read_at: float, frames: list[Frame | int],
+                      src: bytes) -> int:
+        """Dispatch `frames` (read by read `seq` from `src`) until the client is over a
+        bound; the rest goes to the front of the backlog. Returns how many were
+        dispatched.
 
         A herd arrives as runs of identical requests: a frame equal (but for its
         timestamp) to the one dispatched just before it, which joined or started a
         flight still joinable, joins that flight here, at the cost of a comparison and
-        an append; the counters of a run are settled when it ends.
+        an append; the counters of a run are settled when it ends. Most of a run comes
+        folded (`FrameDecoder.feed_folded`: an offset into `src`, equal to the frame
+        before it but for the stream id and the body's last 8 bytes), so that joining
+        it costs no decoding: only those 8 bytes are compared, and only when the
+        run's key holds them (no timestamp).
         """
         dispatch = self._dispatch
         max_requests = self._max_requests
         max_waiters = self._proxy.flights.max_waiters
         run: _Run | None = None
         joined = room = 0
-        # The current run, unpacked (see `_begin_run`).
-        opcode = flags = size = 0
+        # The current run, unpacked (see `_begin_run`), and what of its key a folded
+        # frame must still be compared with (None: nothing), from where in the frame.
+        opcode = flags = size = at = 0
         prefix = b""
+        tail: bytes | None = None
         streams: list[int] = []
-        for i, frame in enumerate(frames):
+        frame_at = FrameDecoder.frame_at
+        for i, item in enumerate(frames):
+            if isinstance(item, int):
+                if run is not None and joined < room and (
+                        tail is None or src.startswith(tail, item + at)):
+                    b = src[item + 2]  # the stream id, a signed short
+                    streams.append((b << 8 | src[item + 3]) - ((b & 0x80) << 9))
+                    joined += 1
+                    continue
+                frame = frame_at(src, item)
+            else:
+                frame = item
             if run is not None:
                 body = frame[5]
                 # A request, v4 (a response or another version closes the connection).
@@ -578,7 +600,7 @@ class ClientConnection(asyncio.Protocol):
             if self._closed or self._write_paused or self._pending >= max_requests or (
                     self._held >= self._max_held):
                 if not self._closed:
-                    self._backlog.appendleft((seq, read_at, frames[i:]))
+                    self._backlog.appendleft((seq, read_at, frames[i:], src))
                     self._update_reading()
                 return i
             self._run = None
@@ -588,6 +610,10 @@ class ClientConnection(asyncio.Protocol):
                 # Nothing but this loop runs until the run ends: its flight stays
                 # joinable, and the bounds move only by what the run adds.
                 flight, opcode, flags, size, prefix, streams, answered = run
+                # A folded frame equals its predecessor but in the body's last 8 bytes.
+                folded = max(size - 8, 0)
+                tail = prefix[folded:] if len(prefix) > folded else None
+                at = 9 + folded
                 if answered:  # read before its answer came: answered with it, at once,
                     # as many as requests taken may be (their answers are written whole,
                     # paused or not); then the bounds are looked at again.
@@ -1073,11 +1099,12 @@ class ClientConnection(asyncio.Protocol):
         return task
 
 
-def _hop_marked(frames: list[Frame]) -> int:
-    """How many of the first `INGEST_BUDGET` frames carry a ring member's marker (a hop
-    read or a forget) before the first that does not."""
+def _hop_marked(frames: list[Frame | int], src: bytes) -> int:
+    """How many of the first `INGEST_BUDGET` frames (folded in `src`) carry a ring
+    member's marker (a hop read or a forget) before the first that does not."""
     count = 0
-    for frame in frames:
+    for item in frames:
+        frame = FrameDecoder.frame_at(src, item) if isinstance(item, int) else item
         if (count == INGEST_BUDGET or not frame[2] & _CUSTOM_PAYLOAD or frame[4] not in _FAST
                 or not (frame[5].startswith(_HOP) or frame[5].startswith(FORGET_PREFIX))):
             break

@@ -218,3 +218,47 @@ def test_encode_frame_compresses_only_non_empty_bodies() -> None:
     assert decompress_body(frame.body) == b"q" * 100
     (empty,) = FrameDecoder().feed(encode_frame(Opcode.OPTIONS, b"", stream=1, compress=True))
     assert empty.flags == 0
+
+
+def _unfold(items: list[Frame | int], src: bytes) -> list[Frame]:
+    return [FrameDecoder.frame_at(src, i) if isinstance(i, int) else i for i in items]
+
+
+_REPEATABLE = Frame(4, False, 0, 1, Opcode.EXECUTE, b"\x00\x02id" + b"\x00\x01\x05" + b"t" * 8)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-32768, 32767), st.binary(min_size=0, max_size=9),
+                       st.sampled_from([0, 1, 2])), max_size=40),
+    st.lists(st.integers(1, 400), max_size=12),
+)
+def test_folded_feeding_gives_back_the_same_frames(
+    variants: list[tuple[int, bytes, int]], cuts: list[int]
+) -> None:
+    # Repeats of one frame that differ in their stream id, their body's tail (the last
+    # 8 bytes, or their length), now and then a different frame, cut anywhere.
+    frames = []
+    for stream, tail, kind in variants:
+        base = _REPEATABLE if kind else _FRAMES[1]
+        body = base.body[:-8] + tail if kind == 1 else base.body
+        frames.append(base._replace(stream=stream, body=body))
+    data = _wire(frames)
+    decoder = FrameDecoder()
+    out: list[Frame] = []
+    pos = 0
+    for size in [*cuts, len(data)]:
+        items, src = decoder.feed_folded(data[pos : pos + size])
+        assert not items or not isinstance(items[0], int)  # a read's first frame is whole
+        out += _unfold(items, src)
+        pos += size
+    assert out == frames
+
+
+def test_a_repeat_but_for_its_stream_and_last_eight_bytes_is_folded() -> None:
+    frames = [_REPEATABLE._replace(stream=s, body=_REPEATABLE.body[:-8] + bytes([s]) * 8)
+              for s in range(1, 5)]
+    other = _FRAMES[1]._replace(stream=9)
+    items, src = FrameDecoder().feed_folded(_wire([*frames, other, frames[0]]))
+    assert [type(i) for i in items] == [Frame, int, int, int, Frame, Frame]
+    assert _unfold(items, src) == [*frames, other, frames[0]]

@@ -108,7 +108,7 @@ async def test_an_answered_run_to_a_deaf_client_stays_within_the_hard_buffer_lim
     frames += [_query(big, s) for s in range(3, 303)]
     await loop.sock_sendall(deaf, b"".join(frames))
     await eventually(lambda: len(hold) == 2)
-    await eventually(lambda: sum(len(f) for _, _, f in conn._backlog) == 300)
+    await eventually(lambda: sum(len(f) for _, _, f, _ in conn._backlog) == 300)
     peak = 0
     watching = True
 

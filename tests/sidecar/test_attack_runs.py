@@ -260,7 +260,7 @@ async def _answered_run(
     client.writer.write(b"".join(frame for _, frame in frames))
     await eventually(lambda: len(hold) == 2)
     await eventually(lambda: sum(len(f) for c in stack.sidecar._clients
-                                 for _, _, f in c._backlog) >= len(frames) - 1)
+                                 for _, _, f, _ in c._backlog) >= len(frames) - 1)
     joined = stack.sidecar.flights.stats.joined
     hold._pending.pop(0)()  # the flight's answer, not the other read's
     assert rows_of(await first) == ONE

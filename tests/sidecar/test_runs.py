@@ -160,3 +160,47 @@ async def test_a_different_value_in_a_run_is_its_own_flight(loop_stack: MakeStac
     assert results[20] == []  # k = 2 has no row
     assert all(r == [[b"one"]] for i, r in enumerate(results) if i != 20)
     await client.close()
+
+
+async def test_requests_that_differ_only_in_their_last_eight_bytes_are_not_one_run(
+    loop_stack: MakeStack,
+) -> None:
+    # With no timestamp, a body's last 8 bytes are its last bound value: a bigint key.
+    # Such requests arrive folded (equal but for those bytes) and must not be merged.
+    stack = await loop_stack()
+    client = await RawClient.connect("127.0.0.1", stack.sidecar.port)
+    await client.query(SETUP[0])
+    await client.query("CREATE TABLE ks.big (k bigint PRIMARY KEY, v text)")
+    for k in (1, 2):
+        await client.query(f"INSERT INTO ks.big (k, v) VALUES ({k}, 'v{k}')")
+    read = (await client.prepare("SELECT v FROM ks.big WHERE k = ?")).query_id
+    hold = stack.emulator.hold_reads()
+    keys = [1] * 30 + [2] * 30 + [1] * 5 + [2]
+    frames = [(s, encode_frame(Opcode.EXECUTE, Execute(read, QueryParameters(
+        Consistency.ONE, [k.to_bytes(8, "big")])).encode(), stream=s))
+        for s, k in enumerate(keys, start=1)]
+    waiters = _burst(client, frames)
+    await eventually(lambda: len(hold) == 2)  # one flight per key, held at the emulator
+    hold.release()
+    results = [rows_of(r) for r in await asyncio.gather(*waiters)]
+    assert results == [[[f"v{k}".encode()]] for k in keys]
+    await client.close()
+
+
+async def test_a_run_of_timestamped_requests_spanning_many_reads_costs_one_upstream_read(
+    loop_stack: MakeStack,
+) -> None:
+    stack, client, read, _ = await _ready(loop_stack)
+    hold = stack.emulator.hold_reads()
+    frames = [(s, _execute(read, [_int(1)], s, 10_000 + s)) for s in range(1, 1001)]
+    waiters = [client.expect(stream) for stream, _ in frames]
+    data = b"".join(frame for _, frame in frames)
+    for i in range(0, len(data), 997):  # reads cut in the middle of frames
+        client.writer.write(data[i:i + 997])
+        await client.writer.drain()
+    await eventually(lambda: stack.sidecar.flights.stats.joined >= 999)
+    assert len(hold) == 1
+    hold.release()
+    results = [rows_of(r) for r in await asyncio.gather(*waiters)]
+    assert all(r == [[b"one"]] for r in results)
+    await client.close()
