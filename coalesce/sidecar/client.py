@@ -463,7 +463,10 @@ class ClientConnection(asyncio.Protocol):
             self._held -= len(flight.body)
 
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
-        self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
+        try:
+            self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
+        except Exception:
+            self._write_failed()  # this client's alone: the flight's other waiters go on
         self._release_flight(flight)  # once the answer has left: nothing runs in between
         self._answered(len(streams))
 
@@ -511,8 +514,18 @@ class ClientConnection(asyncio.Protocol):
     def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None:
         self._release_flight(flight)
         self._answered(len(streams))
-        for stream in streams:
-            self._write_failure(stream, error)
+        try:
+            for stream in streams:
+                self._write_failure(stream, error)
+        except Exception:
+            self._write_failed()
+
+    def _write_failed(self) -> None:
+        """Writing a flight's outcome to this client raised (a bug of ours): the client
+        is cut off, so it does not wait for answers that will not come, and the error
+        goes no further (the flight's other waiters are still to be answered)."""
+        _log.exception("writing to a client failed")
+        self.abort()
 
     # -- reading, bounded ----------------------------------------------------------------------
 
@@ -742,7 +755,7 @@ class ClientConnection(asyncio.Protocol):
                 if opcode in _FAST and not flags & _UNMERGEABLE and 13 < len(body) <= _FAST_BODY:
                     at = 2 + (body[0] << 8 | body[1]) if opcode == _EXECUTE else (
                         4 + int.from_bytes(body[:4], "big", signed=True))
-                    if 2 + at < len(body):
+                    if 0 <= at < len(body) - 2:  # (a negative string length is malformed)
                         key = body[:-8] if body[at + 2] & _TIMESTAMP else body
                         known = self._fast[opcode].get(key)
                         if known is not None and self._join_planned(stream, opcode, body, key,

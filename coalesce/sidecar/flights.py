@@ -109,7 +109,11 @@ class Ingest(Protocol):
 
 
 class Waiter(Protocol):
-    """A client connection, as a flight sees it."""
+    """A client connection, as a flight sees it.
+
+    `answer` and `refuse` do not raise: a waiter keeps its own failure to itself, since
+    the flight's other waiters are answered after it.
+    """
 
     @property
     def read_at(self) -> float:
