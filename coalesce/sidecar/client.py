@@ -376,11 +376,11 @@ class ClientConnection(asyncio.Protocol):
             self._update_reading()
         self._seq = seq
         self.read_at = now
-        if len(frames) == 1 and not (self._closed or self._write_paused  # (`_dispatch_all`)
-                                     or self._pending >= self._max_requests
-                                     or self._held >= self._max_held):
-            # One request alone: nothing to run with (a read's first frame is never folded).
-            self._dispatch(cast(Frame, frames[0]))
+        first = frames[0] if len(frames) == 1 else None  # (a read's first is never folded)
+        if isinstance(first, Frame) and not (self._closed or self._write_paused
+                                             or self._pending >= self._max_requests
+                                             or self._held >= self._max_held):
+            self._dispatch(first)  # one request alone: nothing to run with
             self._run = None
         else:
             self._dispatch_all(seq, now, frames, src)
@@ -580,16 +580,22 @@ class ClientConnection(asyncio.Protocol):
         run: _Run | None = None
         joined = room = 0
         # The current run, unpacked (see `_begin_run`), and what of its key a folded
-        # frame must still be compared with (None: nothing), from where in the frame.
+        # frame must still be compared with, from where in the frame (-1: nothing; 0:
+        # not yet known).
         opcode = flags = size = at = 0
-        prefix = b""
-        tail: bytes | None = None
+        prefix = tail = b""
         streams: list[int] = []
         frame_at = FrameDecoder.frame_at
         for i, item in enumerate(frames):
             if isinstance(item, int):
+                if run is not None and not at:  # the run's first folded frame
+                    # It equals its predecessor but in the body's last 8 bytes: they are
+                    # compared (from `at` in the frame) if the run's key holds them.
+                    folded = size - 8 if size > 8 else 0
+                    at = 9 + folded if len(prefix) > folded else -1
+                    tail = prefix[folded:]
                 if run is not None and joined < room and (
-                        tail is None or src.startswith(tail, item + at)):
+                        at < 0 or src.startswith(tail, item + at)):
                     b = src[item + 2]  # the stream id, a signed short
                     streams.append((b << 8 | src[item + 3]) - ((b & 0x80) << 9))
                     joined += 1
@@ -623,10 +629,7 @@ class ClientConnection(asyncio.Protocol):
                 # Nothing but this loop runs until the run ends: its flight stays
                 # joinable, and the bounds move only by what the run adds.
                 flight, opcode, flags, size, prefix, streams, answered = run
-                # A folded frame equals its predecessor but in the body's last 8 bytes.
-                folded = max(size - 8, 0)
-                tail = prefix[folded:] if len(prefix) > folded else None
-                at = 9 + folded
+                at = 0  # (set by the run's first folded frame)
                 if answered:  # read before its answer came: answered with it, at once,
                     # as many as requests taken may be (their answers are written whole,
                     # paused or not); then the bounds are looked at again.
