@@ -114,12 +114,12 @@ _SUPPORTED_BODY: Final = Supported(
     {**DEFAULT_SUPPORTED, "PROTOCOL_VERSIONS": ["4/v4"]}
 ).encode()
 
-# A run of identical requests: flight, opcode, frame flags, body size, body prefix, the
-# streams (this connection's in the flight, or those to answer at once), and whether the
-# flight was answered already (its answer is kept for requests read before it came).
-# Frames compressed or with a custom payload (`_RAW` flags) are not compared as they
-# come, so they start no run.
-_Run = tuple[Flight, int, int, int, bytes, list[int], bool]
+# A run of identical requests: flight, opcode, body size, key (the body, or all of it
+# but the timestamp), the streams (this connection's in the flight, or those to answer
+# at once), and whether the flight was answered already (its answer is kept for
+# requests read before it came). Frames compressed or with a custom payload (`_RAW`
+# flags) are not compared as they come, so they start no run.
+_Run = tuple[Flight, int, int, bytes, list[int], bool]
 _RAW: Final = COMPRESSION | CUSTOM_PAYLOAD
 
 # Connection states.
@@ -456,19 +456,20 @@ class ClientConnection(asyncio.Protocol):
 
     # -- flights call these (flights.Waiter) ------------------------------------------------
 
-    def _release_flight(self, flight: Flight) -> None:
+    def _release_flight(self, flight: Flight, answered: int) -> None:
+        """`flight` is done with this client, which had `answered` requests in it."""
         self._flights.discard(flight)
         if flight.starter is self:
             flight.starter = None
             self._held -= len(flight.body)
+        self._answered(answered)
 
     def answer(self, flight: Flight, streams: list[int], answer: Answer) -> None:
         try:
             self._write_answer(streams, answer, flight.arrived.pop(self, self.read_at))
         except Exception:
             self._write_failed()  # this client's alone: the flight's other waiters go on
-        self._release_flight(flight)  # once the answer has left: nothing runs in between
-        self._answered(len(streams))
+        self._release_flight(flight, len(streams))  # once the answer has left
 
     def _write_answer(self, streams: list[int], answer: Answer, read_at: float) -> None:
         out = self._out
@@ -512,8 +513,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_answer([stream], flight.answer, self.read_at)
 
     def refuse(self, flight: Flight, streams: list[int], error: UpstreamError) -> None:
-        self._release_flight(flight)
-        self._answered(len(streams))
+        self._release_flight(flight, len(streams))
         try:
             for stream in streams:
                 self._write_failure(stream, error)
@@ -568,53 +568,54 @@ class ClientConnection(asyncio.Protocol):
         A herd arrives as runs of identical requests: a frame equal (but for its
         timestamp) to the one dispatched just before it, which joined or started a
         flight still joinable, joins that flight here, at the cost of a comparison and
-        an append; the counters of a run are settled when it ends. Most of a run comes
-        folded (`FrameDecoder.feed_folded`: an offset into `src`, equal to the frame
-        before it but for the stream id and the body's last 8 bytes), so that joining
-        it costs no decoding: only those 8 bytes are compared, and only when the
-        run's key holds them (no timestamp).
+        an append; the counters of a run are settled when it ends. The decoder hands
+        such a frame over folded (`FrameDecoder.feed_folded`: an offset into `src`, the
+        frame equal to the one before it but for its stream id and the body's last 8
+        bytes), so only folded frames can join a run, undecoded: only those 8 bytes
+        are compared, and only when the run's key holds them (no timestamp).
         """
         dispatch = self._dispatch
         max_requests = self._max_requests
         max_waiters = self._proxy.flights.max_waiters
-        run: _Run | None = None
-        joined = room = 0
-        # The current run, unpacked (see `_begin_run`), and what of its key a folded
-        # frame must still be compared with, from where in the frame (-1: nothing; 0:
-        # not yet known).
-        opcode = flags = size = at = 0
-        prefix = tail = b""
-        streams: list[int] = []
         frame_at = FrameDecoder.frame_at
+        run: _Run | None = None
+        # The current run, unpacked at its first folded frame (`at` 0 until then): how
+        # many more may join it, and what of its key a folded frame must still be
+        # compared with, from where in the frame (`at` -1: nothing).
+        joined = room = at = 0
+        tail = b""
+        streams: list[int] = []
         for i, item in enumerate(frames):
             if isinstance(item, int):
-                if run is not None and not at:  # the run's first folded frame
-                    # It equals its predecessor but in the body's last 8 bytes: they are
-                    # compared (from `at` in the frame) if the run's key holds them.
-                    folded = size - 8 if size > 8 else 0
-                    at = 9 + folded if len(prefix) > folded else -1
-                    tail = prefix[folded:]
-                if run is not None and joined < room and (
-                        at < 0 or src.startswith(tail, item + at)):
-                    b = src[item + 2]  # the stream id, a signed short
-                    streams.append((b << 8 | src[item + 3]) - ((b & 0x80) << 9))
-                    joined += 1
-                    continue
+                if run is not None:
+                    if not at:
+                        # Nothing but this loop runs until the run ends: its flight stays
+                        # joinable, and the bounds move only by what the run adds.
+                        flight, _, size, prefix, streams, answered = run
+                        if answered:  # read before its answer came: answered with it at
+                            # once, as many as requests taken may be (their answers are
+                            # written whole, paused or not); then the bounds are looked
+                            # at again.
+                            room = max_requests - self._pending - len(streams)
+                        else:
+                            room = max_requests - self._pending
+                            if max_waiters is not None and max_waiters - flight.count < room:
+                                room = max_waiters - flight.count
+                        folded = size - 8 if size > 8 else 0
+                        at = 9 + folded if len(prefix) > folded else -1
+                        tail = prefix[folded:]
+                    if joined < room and (at < 0 or src.startswith(tail, item + at)):
+                        b = src[item + 2]  # the stream id, a signed short
+                        streams.append((b << 8 | src[item + 3]) - ((b & 0x80) << 9))
+                        joined += 1
+                        continue
                 frame = frame_at(src, item)
             else:
                 frame = item
-            if run is not None:
-                body = frame[5]
-                # A request, v4 (a response or another version closes the connection).
-                if (joined < room and frame[4] == opcode and frame[2] == flags
-                        and len(body) == size and frame[0] == 4 and not frame[1]
-                        and body.startswith(prefix)):
-                    streams.append(frame[3])
-                    joined += 1
-                    continue
-                if joined or run[6]:
+            if run is not None:  # the first frame that does not join a run ends it
+                if joined or run[5]:
                     self._end_run(run, joined)
-                joined = 0
+                joined = at = 0
                 run = None
             if self._closed or self._write_paused or self._pending >= max_requests or (
                     self._held >= self._max_held):
@@ -625,20 +626,7 @@ class ClientConnection(asyncio.Protocol):
             self._run = None
             dispatch(frame)
             run = self._run
-            if run is not None:
-                # Nothing but this loop runs until the run ends: its flight stays
-                # joinable, and the bounds move only by what the run adds.
-                flight, opcode, flags, size, prefix, streams, answered = run
-                at = 0  # (set by the run's first folded frame)
-                if answered:  # read before its answer came: answered with it, at once,
-                    # as many as requests taken may be (their answers are written whole,
-                    # paused or not); then the bounds are looked at again.
-                    room = max_requests - self._pending - len(streams)
-                else:
-                    room = max_requests - self._pending
-                    if max_waiters is not None and max_waiters - flight.count < room:
-                        room = max_waiters - flight.count
-        if run is not None and (joined or run[6]):  # (a run of one settles nothing)
+        if run is not None and (joined or run[5]):  # (a run of one settles nothing)
             self._end_run(run, joined)
         return len(frames)
 
@@ -663,7 +651,7 @@ class ClientConnection(asyncio.Protocol):
         """The frame being dispatched may start a run (see `_dispatch_all`), unless it
         came compressed or with a payload: runs compare frames as they come."""
         if not self._flags & _RAW:
-            self._run = (flight, opcode, self._flags, size, prefix, streams, answered)
+            self._run = (flight, opcode, size, prefix, streams, answered)
 
     def _update_reading(self) -> None:
         """Read while within bounds and nothing waits in the backlog; keep the backlog
@@ -692,7 +680,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _answered(self, count: int) -> None:
         self._pending -= count
-        self._proxy.requests_finished(count)
+        proxy = self._proxy
+        proxy.in_flight -= count  # (as `_accepted` adds to it, flat)
+        if not proxy.in_flight:
+            proxy.went_idle()
         if not self._reading:
             self._update_reading()
 
