@@ -99,7 +99,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> _Spy:
 
     def _end_run(self: ClientConnection, run: Any, joined: int) -> None:
         found.joined += joined
-        if run[6]:
+        if run[-1]:
             found.answered_joined += joined
         end_run(self, run, joined)
 
