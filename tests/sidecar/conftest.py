@@ -174,12 +174,24 @@ def thread_stack() -> Iterator[Callable[..., ThreadStack]]:
             stack.emulator.close()
 
 
+KS_KV: list[str] = [
+    "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
+    "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)",
+    "INSERT INTO ks.kv (k, v) VALUES (1, 'one')",
+]
+"""Keyspace `ks`, table `kv` and its row k = 1: what most sidecar tests read."""
+
+
 @dataclass
 class LoopStack:
     """An `Emulator` behind a `Sidecar`, both in the test's event loop."""
 
     emulator: Emulator
     sidecar: Sidecar
+
+
+MakeStack = Callable[..., Coroutine[Any, Any, LoopStack]]
+"""The `loop_stack` fixture: makes an in-loop emulator+sidecar stack."""
 
 
 @pytest.fixture

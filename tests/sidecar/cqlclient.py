@@ -101,12 +101,7 @@ class RawClient:
                         frame = frame._replace(
                             body=decompress_body(frame.body), flags=frame.flags & ~COMPRESSION
                         )
-                    if frame.stream < 0:
-                        self.events.put_nowait(frame)
-                        continue
-                    waiter = self._waiting.pop(frame.stream, None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(frame)
+                    self._received(frame)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -115,6 +110,15 @@ class RawClient:
                 if not waiter.done():
                     waiter.set_exception(ConnectionError("connection closed"))
             self._waiting.clear()
+
+    def _received(self, frame: Frame) -> None:
+        """One frame from the server, decompressed: an event, or a stream's answer."""
+        if frame.stream < 0:
+            self.events.put_nowait(frame)
+            return
+        waiter = self._waiting.pop(frame.stream, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
 
     def send(self, opcode: int, body: bytes, *, stream: int | None = None, flags: int = 0) -> int:
         stream = next(self._streams) if stream is None else stream

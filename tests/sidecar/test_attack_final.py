@@ -13,7 +13,6 @@ import asyncio
 import base64
 import os
 import socket
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -29,17 +28,12 @@ from coalesce.cql import (
 )
 from coalesce.sidecar.peers import HOP
 
-from .conftest import BOUND, LoopStack, eventually
+from .conftest import BOUND, KS_KV, LoopStack, MakeStack, eventually
 from .cqlclient import RawClient, rows_of
 
 pytestmark = pytest.mark.timeout(60)
 
-MakeStack = Callable[..., Coroutine[Any, Any, LoopStack]]
-SETUP = [
-    "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
-    "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)",
-    "INSERT INTO ks.kv (k, v) VALUES (1, 'one')",
-]
+SETUP = KS_KV
 STARTUP = Startup({"CQL_VERSION": "3.0.0"}).encode()
 KIB = 1024
 

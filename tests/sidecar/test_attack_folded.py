@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -47,17 +47,14 @@ from coalesce.sidecar.client import ClientConnection
 from coalesce.sidecar.peers import HOP, forget_frame
 from coalesce.sidecar.proxy import INGEST_BUDGET
 
-from .conftest import BOUND, LoopStack, eventually
+from .conftest import BOUND, KS_KV, LoopStack, MakeStack, eventually
 from .cqlclient import RawClient
 from .test_attack_hotpath import CountingClient, _clean, _connect, _server_side, _settle
 
 pytestmark = pytest.mark.timeout(60)
 
-MakeStack = Callable[..., Coroutine[Any, Any, LoopStack]]
 SETUP = [
-    "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
-    "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)",
-    "INSERT INTO ks.kv (k, v) VALUES (1, 'one')",
+    *KS_KV,
     "INSERT INTO ks.kv (k, v) VALUES (2, 'two')",
     "CREATE TABLE ks.big (k bigint PRIMARY KEY, v text)",
     "INSERT INTO ks.big (k, v) VALUES (1, 'b1')",

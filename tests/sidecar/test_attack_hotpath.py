@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -33,24 +32,18 @@ from coalesce.cql import (
     Opcode,
     Query,
     QueryParameters,
-    decompress_body,
     encode_frame,
     split_extras,
 )
 from coalesce.cql._wire import w_bytes_map
 from coalesce.sidecar.client import ClientConnection
 
-from .conftest import BOUND, LoopStack, eventually
+from .conftest import BOUND, KS_KV, LoopStack, MakeStack, eventually
 from .cqlclient import RawClient, rows_of
 
 pytestmark = pytest.mark.timeout(60)
 
-MakeStack = Callable[..., Coroutine[Any, Any, LoopStack]]
-SETUP = [
-    "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
-    "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)",
-    "INSERT INTO ks.kv (k, v) VALUES (1, 'one')",
-]
+SETUP = KS_KV
 ONE = [[b"one"]]
 
 
@@ -77,31 +70,10 @@ class CountingClient(RawClient):
         self.answers: collections.Counter[int] = collections.Counter()
         super().__init__(reader, writer)
 
-    async def _read(self) -> None:
-        decoder = FrameDecoder()
-        try:
-            while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    break
-                for frame in decoder.feed(data):
-                    if frame.flags & COMPRESSION:
-                        frame = frame._replace(body=decompress_body(frame.body),
-                                               flags=frame.flags & ~COMPRESSION)
-                    if frame.stream < 0:
-                        continue
-                    self.answers[frame.stream] += 1
-                    waiter = self._waiting.pop(frame.stream, None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(frame)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.closed.set()
-            for waiter in self._waiting.values():
-                if not waiter.done():
-                    waiter.set_exception(ConnectionError("connection closed"))
-            self._waiting.clear()
+    def _received(self, frame: Frame) -> None:
+        if frame.stream >= 0:
+            self.answers[frame.stream] += 1
+        super()._received(frame)
 
     def burst(self, frames: list[tuple[int, bytes]]) -> list[asyncio.Future[Frame]]:
         """Expect every stream of `frames`, then write them in one TCP write."""

@@ -7,7 +7,6 @@ dispatched in one pass: the conditions under which a run forms.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -24,17 +23,12 @@ from coalesce.cql import (
 from coalesce.cql.classify import StatementInfo
 from coalesce.sidecar.peers import forget_frame
 
-from .conftest import LoopStack, eventually
+from .conftest import KS_KV, LoopStack, MakeStack, eventually
 from .cqlclient import CqlError, RawClient, rows_of
 
 pytestmark = pytest.mark.timeout(60)
 
-MakeStack = Callable[..., Coroutine[Any, Any, LoopStack]]
-SETUP = [
-    "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
-    "CREATE TABLE ks.kv (k int PRIMARY KEY, v text)",
-    "INSERT INTO ks.kv (k, v) VALUES (1, 'one')",
-]
+SETUP = KS_KV
 
 
 def _int(value: int) -> bytes:
