@@ -92,13 +92,11 @@ class FreshnessIndex:
         linger = self._group.linger
         if linger:  # the result stays servable that long: keep it forgettable too
             loop = asyncio.get_running_loop()
-            loop.call_later(linger, self.drop, key, table, partition)
+            loop.call_later(linger, self._untrack, key, table, partition)
         else:
-            self.drop(key, table, partition)
+            self._untrack(key, table, partition)
 
-    def drop(self, key: Hashable, table: Table, partition: Partition) -> None:
-        """Untrack a read at once: for a group whose results never linger (``linger``
-        0), the same as `untrack`, one call cheaper."""
+    def _untrack(self, key: Hashable, table: Table, partition: Partition) -> None:
         partitions = self._tables[table]
         keys = partitions[partition]
         if keys[key] > 1:

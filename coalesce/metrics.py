@@ -92,13 +92,8 @@ class FlightStats:
             self.upstream_cancelled += 1
         else:
             self.upstream_error += 1
-        # The two observes inline: this runs once per upstream call.
-        histogram = self.waiters
-        histogram.counts[bisect_left(histogram.bounds, waiters)] += 1
-        histogram.total += waiters
-        histogram = self.latency
-        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-        histogram.total += seconds
+        self.waiters.observe(waiters)
+        self.latency.observe(seconds)
 
 
 class _GroupCollector:

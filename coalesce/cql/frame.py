@@ -110,7 +110,7 @@ class FrameDecoder:
     Not thread-safe; meant to be driven by one reader task.
     """
 
-    __slots__ = ("_buf", "_error", "_max_body", "_need", "buffered")
+    __slots__ = ("_buf", "_error", "_max_body", "_need")
 
     def __init__(self, max_body: int = _DEFAULT_MAX_BODY) -> None:
         self._max_body = max_body
@@ -119,8 +119,6 @@ class FrameDecoder:
         # keeps a large frame arriving in small chunks from being rescanned.
         self._need = 0
         self._error: CQLProtocolError | None = None
-        self.buffered = 0
-        """Bytes received but not yet returned as part of a frame."""
 
     @property
     def max_body(self) -> int:
@@ -130,6 +128,11 @@ class FrameDecoder:
     @max_body.setter
     def max_body(self, value: int) -> None:
         self._max_body = value
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as part of a frame."""
+        return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume `data`; return the frames it completed (possibly none).
@@ -179,7 +182,6 @@ class FrameDecoder:
         if buf:
             buf += chunk
             if len(buf) < self._need:
-                self.buffered = len(buf)
                 return [], b""
             src: bytes = bytes(buf)
         else:
@@ -224,7 +226,6 @@ class FrameDecoder:
                 buf += memoryview(chunk)[off:]
         elif off:
             del buf[:off]
-        self.buffered = len(buf)
         return frames, src
 
     def _check_partial_header(self, src: bytes, off: int) -> None:
@@ -256,7 +257,6 @@ class FrameDecoder:
     def _fail(self, error: CQLProtocolError) -> None:
         self._error = error
         self._buf = bytearray()
-        self.buffered = 0
         raise error
 
 

@@ -254,11 +254,10 @@ class ClientConnection(asyncio.Protocol):
         # Per opcode: key body (minus timestamp) -> the flight this connection planned it
         # into; valid while that flight is joinable. Cleared on USE (keys hold keyspaces).
         self._fast: dict[int, dict[bytes, Flight]] = {_EXECUTE: {}, _QUERY: {}}
-        # Frames read but not dispatched yet, with the ingest sequence number of the
-        # read that brought them (see `Proxy.ingest`); `_seq` is that of the frame
-        # being dispatched now.
-        # Reads not yet dispatched: (ingest seq, read at, frames, the bytes they came
-        # from), as `FrameDecoder.feed_folded` gave them.
+        # Frames read but not dispatched yet: (the ingest sequence number of the read
+        # that brought them (see `Proxy.ingest`), its loop time, the frames, the bytes
+        # they came from), as `FrameDecoder.feed_folded` gave them. `_seq` is that of
+        # the frame being dispatched now.
         self._backlog: deque[tuple[int, float, list[Frame | int], bytes]] = deque()
         self._seq = 0
         self.read_at = 0.0  # loop time of the read that brought the frame being dispatched
@@ -277,9 +276,8 @@ class ClientConnection(asyncio.Protocol):
         self.role = ""
         self.keyspace: str | None = None
         self.events: frozenset[str] = frozenset()  # REGISTERed event types
-        # It sent a hop-marked read (a ring member does): its frames skip the ingest
-        # budget. A client that marks its reads gains one read's worth of frames
-        # dispatched at once, within its own bounds.
+        # It sent a hop-marked read (a ring member does): the leading hop-marked frames
+        # of its reads skip the ingest budget (see `data_received`).
         self._member = False
         self._flags = 0  # of the frame being dispatched, as it came
         # What the frame just dispatched joined, for the next one (`_dispatch_all`).
@@ -377,9 +375,7 @@ class ClientConnection(asyncio.Protocol):
         self._seq = seq
         self.read_at = now
         first = frames[0] if len(frames) == 1 else None  # (a read's first is never folded)
-        if isinstance(first, Frame) and not (self._closed or self._write_paused
-                                             or self._pending >= self._max_requests
-                                             or self._held >= self._max_held):
+        if isinstance(first, Frame) and not (self._closed or self.blocked):
             self._dispatch(first)  # one request alone: nothing to run with
             self._run = None
         else:
@@ -680,10 +676,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _answered(self, count: int) -> None:
         self._pending -= count
-        proxy = self._proxy
-        proxy.in_flight -= count  # (as `_accepted` adds to it, flat)
-        if not proxy.in_flight:
-            proxy.went_idle()
+        self._proxy.requests_finished(count)
         if not self._reading:
             self._update_reading()
 

@@ -384,10 +384,7 @@ class UpstreamConnection(asyncio.Protocol):
             if callback is None:
                 continue  # an answer to nothing: ignore, as drivers do
             free.append(stream)
-            try:  # `_deliver`, inline: what a callback raises stays with its request
-                callback(frame)
-            except Exception:
-                _log.exception("a response callback failed")
+            _deliver(callback, frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:

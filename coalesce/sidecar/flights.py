@@ -207,10 +207,9 @@ class Flight(Exchange):
             for waiter, streams in waiters.items():
                 waiter.answer(self, streams, answer)
             flights._ended(self, outcome)
-            ingest = flights.ingest
-            if current and ingest is not None and ingest.backlogged:
+            if current:
                 flights._settle(self)
-            elif self.settled_seq < 0:
+            if self.settled_seq < 0:
                 self.answer = None  # kept only while requests read before it may need it
         self.arrived = {}
 
@@ -412,10 +411,10 @@ class Flights:
         self._shed_recent = 0
 
     def _settle(self, flight: Flight) -> None:
-        """`flight` was answered while requests already read wait undispatched in
-        `ingest`'s backlogs: they may share its answer."""
+        """`flight` was answered: requests already read but not dispatched may share it."""
         ingest = self.ingest
-        assert ingest is not None
+        if ingest is None or not ingest.backlogged:
+            return
         old = self._settled.pop(flight.key, None)
         if old is not None:
             self._unsettle(old)
@@ -426,7 +425,7 @@ class Flights:
     def _unsettle(self, flight: Flight) -> None:
         flight.settled_seq = -1
         flight.answer = None
-        self.freshness.drop(flight.key, flight.table, flight.partition)  # (no linger)
+        self.freshness.untrack(flight.key, flight.table, flight.partition)
 
     def _send(self, flight: Flight) -> None:
         flight.state = _SENT
@@ -442,7 +441,7 @@ class Flights:
             del self._by_key[flight.key]
         if flight.state == _SENT:
             self.running -= 1
-            self.freshness.drop(flight.key, flight.table, flight.partition)  # (no linger)
+            self.freshness.untrack(flight.key, flight.table, flight.partition)
         elif flight in self._queue:
             self._queue.remove(flight)
         flight.state = _DONE

@@ -216,8 +216,4 @@ def partition_of(request: Request, statement: KnownStatement | None) -> bytes | 
     values = request.values()
     if values is None:
         return None
-    indexes = statement.pk_indexes
-    if len(indexes) == 1:  # the common case, inline: one column is hashed as it is
-        index = indexes[0]
-        return values[index] if index < len(values) else None
-    return routing_key(values, indexes)
+    return routing_key(values, statement.pk_indexes)

@@ -142,17 +142,12 @@ class Proxy:
 
     # -- in-flight accounting, for drain --------------------------------------------------
 
-    # Client connections add to `in_flight` and take from it themselves (the herd's path
-    # is kept flat), and say when it reaches zero.
+    # Client connections add to `in_flight` themselves (the herd's path is kept flat).
 
     def requests_finished(self, count: int = 1) -> None:
         self.in_flight -= count
         if not self.in_flight:
             self._idle.set()
-
-    def went_idle(self) -> None:
-        """`in_flight` is down to zero."""
-        self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no client request is waiting for an answer."""
