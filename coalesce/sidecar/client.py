@@ -350,7 +350,9 @@ class ClientConnection(asyncio.Protocol):
             stream = first_bad_stream(data, decoder.max_body) if not self._partial else 0
             self._fatal(stream, exc.message)
             return
-        if decoder.buffered != self._partial and self._track_partial():
+        # (A partial frame after whole ones is a new frame: its own deadline.)
+        if (decoder.buffered != self._partial or (frames and self._partial)) and (
+                self._track_partial(bool(frames))):
             return
         seq = proxy.ingest_seq = proxy.ingest_seq + 1
         now = self._activity
@@ -381,8 +383,9 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._dispatch_all(seq, now, frames, src)
 
-    def _track_partial(self) -> bool:
-        """Account for the bytes of an unfinished frame; True if that closed us.
+    def _track_partial(self, completed: bool) -> bool:
+        """Account for the bytes of an unfinished frame (a new one if the read
+        `completed` frames); True if that closed us.
 
         A frame must arrive whole within ``handshake_timeout`` of its first bytes, and
         past `_MAX_PARTIAL_TOTAL` bytes of unfinished frames in all, a connection holding
@@ -393,7 +396,7 @@ class ClientConnection(asyncio.Protocol):
         proxy = self._proxy
         buffered = self._decoder.buffered
         proxy.partial_bytes += buffered - self._partial
-        started = not self._partial and buffered
+        started = buffered and (completed or not self._partial)
         self._partial = buffered
         if started:
             self._partial_epoch += 1
